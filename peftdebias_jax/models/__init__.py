@@ -1,0 +1,27 @@
+"""Flax BERT/RoBERTa encoders that load Hugging Face checkpoints."""
+
+from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.model import EncoderModel, EncoderOutput, abstract_params, init_params
+from peftdebias_jax.models.pretrained import (
+    from_config,
+    from_pretrained,
+    load_tokenizer,
+    resolve_checkpoint_dir,
+)
+from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.models.weights import hf_key, to_state_dict
+
+__all__ = [
+    "EncoderConfig",
+    "EncoderModel",
+    "EncoderOutput",
+    "Patch",
+    "abstract_params",
+    "from_config",
+    "from_pretrained",
+    "hf_key",
+    "init_params",
+    "load_tokenizer",
+    "resolve_checkpoint_dir",
+    "to_state_dict",
+]

@@ -1,0 +1,330 @@
+"""Flax Linen BERT/RoBERTa encoder whose parameter names map 1:1 to Hugging Face keys.
+
+Scope names mirror transformers' module names (`encoder/layer_3/attention/self/query`),
+so `weights.hf_key` converts a parameter path to its checkpoint key mechanically.
+The blocks are post-LN, as in BERT; patches plug in through the hooks of `seams.Patch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
+
+Array = jax.Array
+
+
+def activation(name: str):
+    """The activation `name` with transformers' ACT2FN semantics ("gelu" is the exact erf GELU)."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "relu":
+        return jax.nn.relu
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "tanh":
+        return jnp.tanh
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def compute_dtype(config: EncoderConfig):
+    return jnp.dtype(config.dtype)
+
+
+def normal_init(config: EncoderConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def layer_norm(config: EncoderConfig, name: str) -> nn.LayerNorm:
+    # Two-pass variance, as torch computes it, for float parity with transformers.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+class Dense(nn.Module):
+    """y = x W + b, plus whatever the patches add at this module path (the LoRA seam)."""
+
+    features: int
+    config: EncoderConfig
+    hf_path: str
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        dtype = compute_dtype(self.config)
+        kernel = self.param(
+            "kernel", normal_init(self.config), (x.shape[-1], self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+        for patch in self.patches:
+            delta = patch.dense_delta(self.hf_path, x, self.features, deterministic)
+            if delta is not None:
+                y = y + delta.astype(dtype)
+        return y
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout; the prompt-tuning seam."""
+
+    config: EncoderConfig
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        token_type_ids: Array,
+        deterministic: bool,
+    ) -> tuple[Array, Array, int]:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        batch, _ = input_ids.shape
+        words = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=normal_init(cfg),
+            param_dtype=jnp.float32,
+            name="word_embeddings",
+        )(input_ids).astype(dtype)
+        prompts = [
+            p
+            for p in (
+                patch.extra_embeddings(batch, cfg.hidden_size, dtype) for patch in self.patches
+            )
+            if p is not None
+        ]
+        num_prompt = sum(p.shape[1] for p in prompts)
+        if prompts:
+            words = jnp.concatenate([*(p.astype(dtype) for p in prompts), words], axis=1)
+            ones = jnp.ones((batch, num_prompt), attention_mask.dtype)
+            attention_mask = jnp.concatenate([ones, attention_mask], axis=1)
+            zeros = jnp.zeros((batch, num_prompt), token_type_ids.dtype)
+            token_type_ids = jnp.concatenate([zeros, token_type_ids], axis=1)
+        position_ids = self.position_ids(input_ids, num_prompt)
+        positions = nn.Embed(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            embedding_init=normal_init(cfg),
+            param_dtype=jnp.float32,
+            name="position_embeddings",
+        )(position_ids)
+        token_types = nn.Embed(
+            cfg.type_vocab_size,
+            cfg.hidden_size,
+            embedding_init=normal_init(cfg),
+            param_dtype=jnp.float32,
+            name="token_type_embeddings",
+        )(token_type_ids)
+        x = words + token_types.astype(dtype) + positions.astype(dtype)
+        x = layer_norm(cfg, "LayerNorm")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return x, attention_mask, num_prompt
+
+    def position_ids(self, input_ids: Array, num_prompt: int) -> Array:
+        """BERT counts 0, 1, ...; RoBERTa counts from pad_token_id + 1 over non-pad tokens."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        if cfg.model_type == "roberta":
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            real = (jnp.cumsum(not_pad, axis=1) + num_prompt) * not_pad + cfg.pad_token_id
+            if num_prompt:
+                prompt = jnp.arange(1, num_prompt + 1, dtype=jnp.int32) + cfg.pad_token_id
+                real = jnp.concatenate([jnp.broadcast_to(prompt, (batch, num_prompt)), real], 1)
+            return real
+        return jnp.broadcast_to(
+            jnp.arange(length + num_prompt, dtype=jnp.int32), (batch, length + num_prompt)
+        )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention; LoRA seams on q/k/v, prefix seam on k/v."""
+
+    config: EncoderConfig
+    layer_index: int
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        batch, length, _ = x.shape
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        prefix = f"encoder.layer.{self.layer_index}.attention.self"
+
+        def project(name: str) -> Array:
+            dense = Dense(cfg.hidden_size, cfg, f"{prefix}.{name}", self.patches, name=name)
+            return dense(x, deterministic).reshape(batch, length, heads, head_dim)
+
+        query, key, value = project("query"), project("key"), project("value")
+        for patch in self.patches:
+            kv = patch.key_value_prefix(self.layer_index, batch, heads, head_dim, dtype)
+            if kv is None:
+                continue
+            key = jnp.concatenate([kv[0].astype(dtype), key], axis=1)
+            value = jnp.concatenate([kv[1].astype(dtype), value], axis=1)
+            attend = jnp.zeros((*mask_bias.shape[:-1], kv[0].shape[1]), mask_bias.dtype)
+            mask_bias = jnp.concatenate([attend, mask_bias], axis=-1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * (1.0 / math.sqrt(head_dim))
+        scores = scores.astype(jnp.float32) + mask_bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+        return out.reshape(batch, length, cfg.hidden_size)
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> [adapter seam] -> LayerNorm(hidden + residual): BERT's *Output."""
+
+    config: EncoderConfig
+    layer_index: int
+    slot: str
+    hf_path: str
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        hidden = Dense(cfg.hidden_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense")(
+            hidden, deterministic
+        )
+        hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+        norm = layer_norm(cfg, "LayerNorm")
+        for patch in self.patches:
+            hidden = patch.adapt_sublayer(
+                self.slot, self.layer_index, hidden, residual, norm, deterministic
+            )
+        return norm(hidden + residual)
+
+
+class Attention(nn.Module):
+    config: EncoderConfig
+    layer_index: int
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        attended = SelfAttention(cfg, self.layer_index, self.patches, name="self")(
+            x, mask_bias, deterministic
+        )
+        path = f"encoder.layer.{self.layer_index}.attention.output"
+        output = ResidualOutput(
+            cfg, self.layer_index, ATTENTION_OUTPUT, path, self.patches, name="output"
+        )
+        return output(attended, x, deterministic)
+
+
+class Layer(nn.Module):
+    """One post-LN transformer block: attention sub-layer, then feed-forward sub-layer."""
+
+    config: EncoderConfig
+    layer_index: int
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        x = Attention(cfg, self.layer_index, self.patches, name="attention")(
+            x, mask_bias, deterministic
+        )
+        path = f"encoder.layer.{self.layer_index}"
+        hidden = Intermediate(cfg, f"{path}.intermediate", self.patches, name="intermediate")(
+            x, deterministic
+        )
+        output = ResidualOutput(
+            cfg, self.layer_index, FFN_OUTPUT, f"{path}.output", self.patches, name="output"
+        )
+        return output(hidden, x, deterministic)
+
+
+class Intermediate(nn.Module):
+    """The feed-forward expansion: dense -> activation (transformers' *Intermediate)."""
+
+    config: EncoderConfig
+    hf_path: str
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        dense = Dense(
+            cfg.intermediate_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense"
+        )
+        return activation(cfg.hidden_act)(dense(x, deterministic))
+
+
+class Pooler(nn.Module):
+    """tanh(dense(hidden[:, 0])): BERT's pooled [CLS] vector."""
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        cfg = self.config
+        dense = Dense(cfg.hidden_size, cfg, "pooler.dense", name="dense")
+        return jnp.tanh(dense(hidden[:, 0]))
+
+
+class Encoder(nn.Module):
+    """Embeddings + transformer stack (+ optional pooler); returns states at real positions."""
+
+    config: EncoderConfig
+    add_pooling_layer: bool = False
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array | None]:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x, attention_mask, num_prompt = Embeddings(cfg, self.patches, name="embeddings")(
+            input_ids, attention_mask, token_type_ids, deterministic
+        )
+        mask_bias = additive_mask(attention_mask)
+        stack = EncoderStack(cfg, self.patches, name="encoder")
+        x = stack(x, mask_bias, deterministic)
+        x = x[:, num_prompt:]
+        pooled = Pooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
+        return x, pooled
+
+
+class EncoderStack(nn.Module):
+    config: EncoderConfig
+    patches: Sequence[Patch] = ()
+
+    @nn.compact
+    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+        for i in range(self.config.num_hidden_layers):
+            x = Layer(self.config, i, self.patches, name=f"layer_{i}")(x, mask_bias, deterministic)
+        return x
+
+
+def additive_mask(attention_mask: Array) -> Array:
+    """[B, S] 1/0 mask -> [B, 1, 1, S] float32 bias: 0 where attended, dtype-min where not."""
+    keep = attention_mask[:, None, None, :].astype(bool)
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)

@@ -1,0 +1,95 @@
+"""EncoderModel: the encoder under its Hugging Face scope ("bert"/"roberta") plus one head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.encoder import Dense, Encoder
+from peftdebias_jax.models.heads import BertOnlyMLMHead, RobertaClassificationHead, RobertaLMHead
+from peftdebias_jax.models.seams import Patch
+
+Array = jax.Array
+HEADS = ("mlm", "classifier", "none")
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+    """What head="none" returns: per-token states and, when the model has one, the pooler."""
+
+    last_hidden_state: Array
+    pooler_output: Array | None = None
+
+
+class EncoderModel(nn.Module):
+    """BERT/RoBERTa encoder with a masked-LM head, a classifier head, or no head.
+
+    Returns vocabulary logits [B, S, V] (mlm), label logits [B, num_labels] (classifier),
+    or an `EncoderOutput` (none). Sentence pairs (NLI) are passed as `token_type_ids`.
+    """
+
+    config: EncoderConfig
+    head: str = "none"
+    num_labels: int | None = None
+    add_pooling_layer: bool = False
+    patches: Sequence[Patch] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "classifier" and not self.num_labels:
+            raise ValueError('head="classifier" needs num_labels >= 1')
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array | EncoderOutput:
+        cfg = self.config
+        bert_classifier = self.head == "classifier" and cfg.model_type == "bert"
+        encoder = Encoder(
+            cfg,
+            add_pooling_layer=self.add_pooling_layer or bert_classifier,
+            patches=tuple(self.patches),
+            name=cfg.base_name,
+        )
+        hidden, pooled = encoder(input_ids, attention_mask, token_type_ids, deterministic)
+        if self.head == "none":
+            return EncoderOutput(hidden, pooled)
+        if self.head == "mlm":
+            table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+            if cfg.model_type == "roberta":
+                return RobertaLMHead(cfg, name="lm_head")(hidden, table)
+            return BertOnlyMLMHead(cfg, name="cls")(hidden, table)
+        if cfg.model_type == "roberta":
+            head = RobertaClassificationHead(cfg, self.num_labels, name="classifier")
+            return head(hidden, deterministic)
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        return Dense(self.num_labels, cfg, "classifier", name="classifier")(pooled)
+
+    def dummy_inputs(self, batch: int = 1, length: int = 8) -> tuple[Array, Array]:
+        """Inputs of the right kind for `init` / `jax.eval_shape`."""
+        ids = jnp.full((batch, length), 2 if self.config.model_type == "bert" else 0, jnp.int32)
+        return ids, jnp.ones((batch, length), jnp.int32)
+
+
+def init_params(module: EncoderModel, rng: jax.Array) -> dict:
+    """Freshly initialised parameters (transformers' initialisation: N(0, 0.02), zero bias)."""
+    ids, mask = module.dummy_inputs()
+    return jax.jit(module.init)(rng, ids, mask)["params"]
+
+
+def abstract_params(module: EncoderModel) -> dict:
+    """Shapes and dtypes of the parameters, without allocating them."""
+    ids, mask = module.dummy_inputs()
+    return jax.eval_shape(module.init, jax.random.key(0), ids, mask)["params"]

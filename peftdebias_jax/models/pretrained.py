@@ -1,0 +1,184 @@
+"""from_pretrained: a Hugging Face checkpoint directory (or hub name) -> (EncoderModel, params)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from peftdebias_jax.errors import CheckpointError, ConfigError
+from peftdebias_jax.models.checkpoint_files import find_weights, read_weights
+from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.model import EncoderModel, abstract_params, init_params
+from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.models.weights import fill_params, leaf_paths
+
+log = logging.getLogger(__name__)
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+]
+
+
+def resolve_checkpoint_dir(path_or_name: str | os.PathLike) -> Path:
+    """A local checkpoint directory, downloading a hub name through huggingface_hub if needed."""
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds it")
+    name = str(path_or_name)
+    if not HUB_NAME.match(name):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(
+            snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=offline)
+        )
+        if not any(directory.glob("*.safetensors*")):
+            directory = Path(
+                snapshot_download(
+                    name, allow_patterns=["pytorch_model*.bin*"], local_files_only=offline
+                )
+            )
+    except Exception as err:
+        raise CheckpointError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(err).__name__}: {err}). If this machine is offline, pass a local "
+            "directory that holds config.json, model.safetensors and the tokenizer files."
+        ) from None
+    return directory
+
+
+def read_config(directory: Path, dtype: str = "float32") -> tuple[EncoderConfig, dict[str, Any]]:
+    """EncoderConfig from `directory/config.json`, plus the raw JSON (for labels etc.)."""
+    config = EncoderConfig.from_json_file(directory / "config.json")
+    raw = json.loads((directory / "config.json").read_text())
+    return config.replace(dtype=dtype), raw
+
+
+def from_config(
+    config: EncoderConfig,
+    head: str = "none",
+    num_labels: int | None = None,
+    patches: Sequence[Patch] = (),
+    seed: int = 0,
+    add_pooling_layer: bool = False,
+) -> tuple[EncoderModel, dict]:
+    """A randomly initialised model (transformers' initialisation), for tests and demos."""
+    module = EncoderModel(config, head, num_labels, add_pooling_layer, tuple(patches))
+    return module, init_params(module, jax.random.key(seed))
+
+
+def from_pretrained(
+    path_or_name: str | os.PathLike,
+    head: str = "none",
+    num_labels: int | None = None,
+    patches: Sequence[Patch] = (),
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[EncoderModel, dict]:
+    """Loads a BERT/RoBERTa checkpoint into an EncoderModel with the chosen head.
+
+    Weights come from model.safetensors (single or sharded) or, when torch is installed,
+    pytorch_model.bin via torch.load(weights_only=True). Missing encoder weights are an
+    error naming them; unused checkpoint keys are logged; heads (and patches) absent from
+    the checkpoint are freshly initialised with `seed` and logged.
+    """
+    directory = resolve_checkpoint_dir(path_or_name)
+    config, raw = read_config(directory, dtype)
+    if head == "classifier" and num_labels is None:
+        labels = raw.get("id2label")
+        if not labels:
+            raise ConfigError(
+                f"{directory / 'config.json'}: no 'id2label' field; pass num_labels= for "
+                'head="classifier"'
+            )
+        num_labels = len(labels)
+    weights_path = find_weights(directory)
+    state = read_weights(weights_path)
+    has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
+    module = EncoderModel(config, head, num_labels, add_pooling_layer=head == "none" and has_pooler)
+    module = module.clone(patches=tuple(patches))
+    patch_leaves = patch_paths(module)
+    fresh = init_params(module, jax.random.key(seed))
+    params, report = fill_params(
+        fresh, state, config.base_name, str(weights_path), patch_leaves, config.tie_word_embeddings
+    )
+    log.info("loaded %d tensors from %s", len(report.loaded), weights_path)
+    if report.initialised:
+        log.info("freshly initialised (not in the checkpoint): %s", report.initialised)
+    if report.unused:
+        log.warning("unused checkpoint keys in %s: %s", weights_path, report.unused)
+    return module, params
+
+
+def patch_paths(module: EncoderModel) -> set[tuple[str, ...]]:
+    """Leaf paths that exist only because of the module's patches."""
+    if not module.patches:
+        return set()
+    plain = {p for p, _ in leaf_paths(abstract_params(module.clone(patches=())))}
+    return {p for p, _ in leaf_paths(abstract_params(module)) if p not in plain}
+
+
+def load_tokenizer(path_or_name: str | os.PathLike):
+    """The tokenizer saved beside the weights.
+
+    Loaded from the directory; a directory with only `vocab.txt` is built with `vocab=`
+    (never `vocab_file=`, which in transformers 5 silently maps every word to [UNK]).
+    A tokenizer that maps plain vocabulary words to its unknown token is rejected.
+    """
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    directory = resolve_checkpoint_dir(path_or_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:
+        vocab_file = directory / "vocab.txt"
+        if not vocab_file.exists():
+            raise CheckpointError(f"{directory}: cannot load a tokenizer ({err})") from None
+        vocab = read_vocab(vocab_file)
+        lower = not any(t.lower() != t for t in vocab if not t.startswith("["))
+        tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=lower)
+    check_tokenizer(tokenizer, directory)
+    return tokenizer
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """A WordPiece vocab.txt (one token a line) as {token: id}."""
+    tokens = path.read_text(encoding="utf-8").splitlines()
+    return {token: i for i, token in enumerate(tokens) if token}
+
+
+def check_tokenizer(tokenizer, directory: Path) -> None:
+    """Raises if words that are in the vocabulary encode to the unknown token."""
+    unk = tokenizer.unk_token_id
+    vocab_file = directory / "vocab.txt"
+    vocab = read_vocab(vocab_file) if vocab_file.exists() else tokenizer.get_vocab()
+    words = [w for w in vocab if w.isalpha() and w.islower() and len(w) > 2][:20]
+    if unk is None or not words:
+        return
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    if all(i == [unk] for i in ids):
+        raise CheckpointError(
+            f"{directory}: the tokenizer maps vocabulary words such as {words[:3]} to "
+            f"{tokenizer.unk_token!r}; its vocabulary did not load"
+        )

@@ -1,0 +1,95 @@
+"""run.py resolves a config, prints it, writes it to the workdir and builds the model."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftdebias_jax import phases
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*_*.py") if not p.stem.startswith("_"))
+
+
+def load_config(path: Path, preset: str | None):
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(preset)
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_resolves_in_every_preset(path):
+    axis = path.stem.split("_")[0]
+    for preset in (None, "demo", "smoke"):
+        config = load_config(path, preset)
+        assert config.axis == axis
+        assert config.patch.method != "none"
+    paper = load_config(path, None)
+    assert paper.model.name == "bert-base-uncased" and paper.upstream.num_steps == 10_000
+    assert load_config(path, "smoke").model.init == "random"
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        load_config(ROOT / "configs" / "race_adapter.py", "fast")
+
+
+def test_smoke_model_builds():
+    config = load_config(ROOT / "configs" / "gender_lora.py", "smoke")
+    module, params = phases.build_model(config)
+    assert module.config.hidden_size == config.model.architecture.hidden_size
+    assert phases.count_params(params) > 0
+
+
+def test_default_workdir():
+    assert phases.default_workdir("configs/race_adapter.py:demo") == Path("runs/race_adapter-demo")
+    assert phases.default_workdir("configs/race_adapter.py") == Path("runs/race_adapter")
+
+
+def test_run_py_smoke(tmp_path):
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config=configs/race_adapter.py:smoke",
+            "--config.upstream.learning_rate=0.001",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resolved config:" in result.stdout and "all params:" in result.stdout
+    written = json.loads((workdir / "config.json").read_text())
+    assert written["upstream"]["learning_rate"] == 0.001
+    assert written["axis"] == "race" and written["patch"]["method"] == "seq_bn"
+
+
+def test_run_py_rejects_config_typo(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config=configs/race_adapter.py:smoke",
+            "--config.upstream.lrr=1",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "lrr" in result.stderr
+    assert not (tmp_path / "config.json").exists()
