@@ -30,25 +30,32 @@ class ProbePatch(models.Patch):
     name: str = "probe"
     seam: str = "none"
 
-    def extra_embeddings(self, batch_size, hidden_size, dtype):
+    @property
+    def scope(self):
+        kind = {"prompt": "prompt", "lora": "lora", "prefix": "prefix", "adapter": "adapter"}
+        return f"{kind.get(self.seam, 'patch')}_{self.name}"
+
+    def extra_embeddings(self, state, batch_size, hidden_size, dtype, deterministic):
         if self.seam != "prompt":
             return None
         soft = nn.Embed(2, hidden_size, name=f"prompt_{self.name}")(jnp.arange(2))
         return jnp.broadcast_to(soft, (batch_size, 2, hidden_size))
 
-    def dense_delta(self, path, x, features, deterministic):
+    def dense_delta(self, state, path, x, features, deterministic):
         if self.seam != "lora" or not path.endswith("attention.self.value"):
             return None
         return nn.Dense(features, name=f"lora_{self.name}")(x)
 
-    def key_value_prefix(self, layer_index, batch_size, num_heads, head_dim, dtype):
+    def key_value_prefix(
+        self, state, layer_index, batch_size, num_heads, head_dim, dtype, deterministic
+    ):
         if self.seam != "prefix":
             return None
         keys, values = PrefixSlots((3, num_heads, head_dim), name=f"prefix_{self.name}")()
         shape = (batch_size, 3, num_heads, head_dim)
         return jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape)
 
-    def adapt_sublayer(self, slot, layer_index, hidden, residual, layer_norm, deterministic):
+    def adapt_sublayer(self, state, slot, layer_index, hidden, residual, layer_norm, deterministic):
         if self.seam != "adapter" or slot != FFN_OUTPUT:
             return hidden
         return hidden + nn.Dense(hidden.shape[-1], name=f"adapter_{self.name}")(layer_norm(hidden))
@@ -69,8 +76,8 @@ def checkpoint(tmp_path_factory):
 def test_identity_patch_changes_nothing(checkpoint):
     directory, batch = checkpoint
     plain_module, plain = models.from_pretrained(directory)
-    module, params = models.from_pretrained(directory, patches=[ProbePatch(seam="none")])
-    np.testing.assert_array_equal(run(module, params, batch), run(plain_module, plain, batch))
+    module = plain_module.clone(patches=(ProbePatch(seam="none"),))
+    np.testing.assert_array_equal(run(module, plain, batch), run(plain_module, plain, batch))
 
 
 @pytest.mark.parametrize(

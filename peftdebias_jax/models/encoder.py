@@ -65,15 +65,15 @@ class Dense(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True, states: Sequence = ()) -> Array:
         dtype = compute_dtype(self.config)
         kernel = self.param(
             "kernel", normal_init(self.config), (x.shape[-1], self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
-        for patch in self.patches:
-            delta = patch.dense_delta(self.hf_path, x, self.features, deterministic)
+        for patch, state in zip(self.patches, states, strict=True):
+            delta = patch.dense_delta(state, self.hf_path, x, self.features, deterministic)
             if delta is not None:
                 y = y + delta.astype(dtype)
         return y
@@ -92,6 +92,7 @@ class Embeddings(nn.Module):
         attention_mask: Array,
         token_type_ids: Array,
         deterministic: bool,
+        states: Sequence = (),
     ) -> tuple[Array, Array, int]:
         cfg = self.config
         dtype = compute_dtype(cfg)
@@ -106,7 +107,8 @@ class Embeddings(nn.Module):
         prompts = [
             p
             for p in (
-                patch.extra_embeddings(batch, cfg.hidden_size, dtype) for patch in self.patches
+                patch.extra_embeddings(state, batch, cfg.hidden_size, dtype, deterministic)
+                for patch, state in zip(self.patches, states, strict=True)
             )
             if p is not None
         ]
@@ -161,20 +163,24 @@ class SelfAttention(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+    ) -> Array:
         cfg = self.config
         dtype = compute_dtype(cfg)
         batch, length, _ = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-        prefix = f"encoder.layer.{self.layer_index}.attention.self"
+        prefix = f"{cfg.base_name}.encoder.layer.{self.layer_index}.attention.self"
 
         def project(name: str) -> Array:
             dense = Dense(cfg.hidden_size, cfg, f"{prefix}.{name}", self.patches, name=name)
-            return dense(x, deterministic).reshape(batch, length, heads, head_dim)
+            return dense(x, deterministic, states).reshape(batch, length, heads, head_dim)
 
         query, key, value = project("query"), project("key"), project("value")
-        for patch in self.patches:
-            kv = patch.key_value_prefix(self.layer_index, batch, heads, head_dim, dtype)
+        for patch, state in zip(self.patches, states, strict=True):
+            kv = patch.key_value_prefix(
+                state, self.layer_index, batch, heads, head_dim, dtype, deterministic
+            )
             if kv is None:
                 continue
             key = jnp.concatenate([kv[0].astype(dtype), key], axis=1)
@@ -199,16 +205,17 @@ class ResidualOutput(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, hidden: Array, residual: Array, deterministic: bool, states: Sequence = ()
+    ) -> Array:
         cfg = self.config
-        hidden = Dense(cfg.hidden_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense")(
-            hidden, deterministic
-        )
+        dense = Dense(cfg.hidden_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense")
+        hidden = dense(hidden, deterministic, states)
         hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
         norm = layer_norm(cfg, "LayerNorm")
-        for patch in self.patches:
+        for patch, state in zip(self.patches, states, strict=True):
             hidden = patch.adapt_sublayer(
-                self.slot, self.layer_index, hidden, residual, norm, deterministic
+                state, self.slot, self.layer_index, hidden, residual, norm, deterministic
             )
         return norm(hidden + residual)
 
@@ -219,16 +226,18 @@ class Attention(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+    ) -> Array:
         cfg = self.config
         attended = SelfAttention(cfg, self.layer_index, self.patches, name="self")(
-            x, mask_bias, deterministic
+            x, mask_bias, deterministic, states
         )
-        path = f"encoder.layer.{self.layer_index}.attention.output"
+        path = f"{cfg.base_name}.encoder.layer.{self.layer_index}.attention.output"
         output = ResidualOutput(
             cfg, self.layer_index, ATTENTION_OUTPUT, path, self.patches, name="output"
         )
-        return output(attended, x, deterministic)
+        return output(attended, x, deterministic, states)
 
 
 class Layer(nn.Module):
@@ -239,19 +248,21 @@ class Layer(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+    ) -> Array:
         cfg = self.config
         x = Attention(cfg, self.layer_index, self.patches, name="attention")(
-            x, mask_bias, deterministic
+            x, mask_bias, deterministic, states
         )
-        path = f"encoder.layer.{self.layer_index}"
+        path = f"{cfg.base_name}.encoder.layer.{self.layer_index}"
         hidden = Intermediate(cfg, f"{path}.intermediate", self.patches, name="intermediate")(
-            x, deterministic
+            x, deterministic, states
         )
         output = ResidualOutput(
             cfg, self.layer_index, FFN_OUTPUT, f"{path}.output", self.patches, name="output"
         )
-        return output(hidden, x, deterministic)
+        return output(hidden, x, deterministic, states)
 
 
 class Intermediate(nn.Module):
@@ -262,24 +273,26 @@ class Intermediate(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, states: Sequence = ()) -> Array:
         cfg = self.config
         dense = Dense(
             cfg.intermediate_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense"
         )
-        return activation(cfg.hidden_act)(dense(x, deterministic))
+        return activation(cfg.hidden_act)(dense(x, deterministic, states))
 
 
 class Pooler(nn.Module):
-    """tanh(dense(hidden[:, 0])): BERT's pooled [CLS] vector."""
+    """tanh(dense(hidden[:, 0])): BERT's pooled [CLS] vector (a LoRA seam, as in peft)."""
 
     config: EncoderConfig
+    patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, hidden: Array) -> Array:
+    def __call__(self, hidden: Array, deterministic: bool, states: Sequence = ()) -> Array:
         cfg = self.config
-        dense = Dense(cfg.hidden_size, cfg, "pooler.dense", name="dense")
-        return jnp.tanh(dense(hidden[:, 0]))
+        path = f"{cfg.base_name}.pooler.dense"
+        dense = Dense(cfg.hidden_size, cfg, path, self.patches, name="dense")
+        return jnp.tanh(dense(hidden[:, 0], deterministic, states))
 
 
 class Encoder(nn.Module):
@@ -302,14 +315,18 @@ class Encoder(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        batch = input_ids.shape[0]
+        states = tuple(p.setup_state(cfg, batch, deterministic) for p in self.patches)
         x, attention_mask, num_prompt = Embeddings(cfg, self.patches, name="embeddings")(
-            input_ids, attention_mask, token_type_ids, deterministic
+            input_ids, attention_mask, token_type_ids, deterministic, states
         )
         mask_bias = additive_mask(attention_mask)
         stack = EncoderStack(cfg, self.patches, name="encoder")
-        x = stack(x, mask_bias, deterministic)
+        x = stack(x, mask_bias, deterministic, states)
         x = x[:, num_prompt:]
-        pooled = Pooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
+        pooled = None
+        if self.add_pooling_layer:
+            pooled = Pooler(cfg, self.patches, name="pooler")(x, deterministic, states)
         return x, pooled
 
 
@@ -318,9 +335,12 @@ class EncoderStack(nn.Module):
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+    ) -> Array:
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, i, self.patches, name=f"layer_{i}")(x, mask_bias, deterministic)
+            layer = Layer(self.config, i, self.patches, name=f"layer_{i}")
+            x = layer(x, mask_bias, deterministic, states)
         return x
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,31 +75,64 @@ def read_config(directory: Path, dtype: str = "float32") -> tuple[EncoderConfig,
     return config.replace(dtype=dtype), raw
 
 
+PatchSpec = Mapping[str, Any] | Sequence[Patch]
+
+
+def build_patches(patches: PatchSpec) -> tuple[Patch, ...]:
+    """{name: PatchConfig} (or ready Patch objects) -> patches, in order; names are unique."""
+    if isinstance(patches, Mapping):
+        built = [
+            spec.build(name) if hasattr(spec, "build") else spec for name, spec in patches.items()
+        ]
+    else:
+        built = list(patches)
+    names = [p.name for p in built]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"patch names must be unique; repeated: {duplicates}")
+    return tuple(built)
+
+
+def check_patch_leaves(params: dict, patches: Sequence[Patch]) -> None:
+    """Every patch must have created parameters (e.g. LoRA targets that match no module)."""
+    scopes = {part for path, _ in leaf_paths(params) for part in path}
+    for patch in patches:
+        if patch.scope not in scopes:
+            detail = getattr(patch, "target_modules", None)
+            hint = f" (target_modules={detail!r} match no module)" if detail is not None else ""
+            raise ConfigError(f"patch {patch.name!r} ({patch.method}) adds no parameters{hint}")
+
+
 def from_config(
     config: EncoderConfig,
     head: str = "none",
     num_labels: int | None = None,
-    patches: Sequence[Patch] = (),
+    patches: PatchSpec = (),
     seed: int = 0,
     add_pooling_layer: bool = False,
 ) -> tuple[EncoderModel, dict]:
     """A randomly initialised model (transformers' initialisation), for tests and demos."""
-    module = EncoderModel(config, head, num_labels, add_pooling_layer, tuple(patches))
-    return module, init_params(module, jax.random.key(seed))
+    built = build_patches(patches)
+    module = EncoderModel(config, head, num_labels, add_pooling_layer, built)
+    params = init_params(module, jax.random.key(seed))
+    check_patch_leaves(params, built)
+    return module, params
 
 
 def from_pretrained(
     path_or_name: str | os.PathLike,
     head: str = "none",
     num_labels: int | None = None,
-    patches: Sequence[Patch] = (),
+    patches: PatchSpec = (),
     dtype: str = "float32",
     seed: int = 0,
 ) -> tuple[EncoderModel, dict]:
     """Loads a BERT/RoBERTa checkpoint into an EncoderModel with the chosen head.
 
     Weights come from model.safetensors (single or sharded) or, when torch is installed,
-    pytorch_model.bin via torch.load(weights_only=True). Missing encoder weights are an
+    pytorch_model.bin via torch.load(weights_only=True). `patches` is {name: PatchConfig}
+    (or a sequence of Patch objects); their leaves are freshly initialised with `seed`.
+    Missing encoder weights are an
     error naming them; unused checkpoint keys are logged; heads (and patches) absent from
     the checkpoint are freshly initialised with `seed` and logged.
     """
@@ -117,12 +150,14 @@ def from_pretrained(
     state = read_weights(weights_path)
     has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
     module = EncoderModel(config, head, num_labels, add_pooling_layer=head == "none" and has_pooler)
-    module = module.clone(patches=tuple(patches))
+    built = build_patches(patches)
+    module = module.clone(patches=built)
     patch_leaves = patch_paths(module)
     fresh = init_params(module, jax.random.key(seed))
     params, report = fill_params(
         fresh, state, config.base_name, str(weights_path), patch_leaves, config.tie_word_embeddings
     )
+    check_patch_leaves(params, built)
     log.info("loaded %d tensors from %s", len(report.loaded), weights_path)
     if report.initialised:
         log.info("freshly initialised (not in the checkpoint): %s", report.initialised)

@@ -1,0 +1,256 @@
+"""Patch directories: the unit users share.
+
+    <dir>/patch.json   format version, patch name, method + hyper-parameters, axis,
+                       base-model identity (architecture, sizes, vocab, weight fingerprint),
+                       the leaves' paths and shapes, a training summary
+    <dir>/weights/     the patch leaves only, saved with Orbax
+
+A directory is written next to its destination and renamed into place, so an interrupted
+save never destroys the previous patch. Loading checks sizes, method and fingerprint and
+names whatever differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from peftdebias_jax import masks
+from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.models.model import EncoderModel, abstract_params
+from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.peft.config import PatchConfig
+
+FORMAT_VERSION = 1
+PATCH_JSON = "patch.json"
+WEIGHTS = "weights"
+IDENTITY_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
+def config_of(patch: Patch) -> PatchConfig:
+    """The PatchConfig that builds `patch` (its method and hyper-parameters)."""
+    values = {f.name: getattr(patch, f.name) for f in dataclasses.fields(patch) if f.name != "name"}
+    return PatchConfig(patch.method, **values)
+
+
+def find_patch(module: EncoderModel, name: str) -> Patch:
+    for patch in module.patches:
+        if patch.name == name:
+            return patch
+    raise CheckpointError(
+        f"the model has no patch named {name!r}; its patches are {[p.name for p in module.patches]}"
+    )
+
+
+def base_leaves(params: dict, base_name: str) -> dict[tuple[str, ...], Any]:
+    """The encoder's own weights: under `base_name`, no pooler, no patch leaves."""
+    flat = traverse_util.flatten_dict(params)
+    return {
+        path: leaf
+        for path, leaf in flat.items()
+        if path[0] == base_name and path[1] != "pooler" and masks.patch_name(path) is None
+    }
+
+
+def fingerprint(params: dict, base_name: str) -> str:
+    """sha256 over the encoder weights' paths, shapes and float32 bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(base_leaves(params, base_name).items()):
+        array = np.asarray(jax.device_get(leaf), dtype=np.float32)
+        digest.update("/".join(path).encode())
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def base_identity(module: EncoderModel, params: dict, name: str | None = None) -> dict[str, Any]:
+    cfg = module.config
+    identity = {field: getattr(cfg, field) for field in IDENTITY_FIELDS}
+    identity["name"] = name
+    identity["fingerprint"] = fingerprint(params, cfg.base_name)
+    return identity
+
+
+def save_patch(
+    directory: str | Path,
+    params: dict,
+    patch_name: str,
+    module: EncoderModel,
+    *,
+    axis: str | None = None,
+    base_model_name: str | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Writes the leaves of patch `patch_name` and its description to `directory`."""
+    directory = Path(directory).absolute()
+    patch = find_patch(module, patch_name)
+    leaves = masks.leaves_of(params, [patch_name])
+    flat = traverse_util.flatten_dict(leaves)
+    if not flat:
+        raise CheckpointError(f"params hold no leaves of patch {patch_name!r}")
+    info = {
+        "format_version": FORMAT_VERSION,
+        "name": patch_name,
+        "patch": config_of(patch).to_dict(),
+        "axis": axis,
+        "base_model": base_identity(module, params, base_model_name),
+        "leaves": {"/".join(p): list(np.shape(v)) for p, v in sorted(flat.items())},
+        "training": training or {},
+    }
+    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), leaves)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / WEIGHTS, host)
+        (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        replace_directory(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Moves `new` to `target`; an existing `target` is removed only after the move worked."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def read_patch_info(directory: str | Path) -> dict[str, Any]:
+    """patch.json, validated."""
+    path = Path(directory) / PATCH_JSON
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; is {directory} a patch directory?") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    for key in ("format_version", "name", "patch", "base_model", "leaves"):
+        if key not in info:
+            raise CheckpointError(f"{path}: field {key!r} is missing")
+    if info["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {info['format_version']} is newer than this library "
+            f"reads ({FORMAT_VERSION})"
+        )
+    return info
+
+
+def check_base(
+    info: dict, module: EncoderModel, params: dict, source: Path, verify_fingerprint: bool
+) -> None:
+    """Raises if the model's sizes (or, when asked, its weights) differ from the patch's base."""
+    saved = info["base_model"]
+    cfg = module.config
+    for field in IDENTITY_FIELDS:
+        if field in saved and saved[field] != getattr(cfg, field):
+            raise CheckpointError(
+                f"{source}: the patch was trained on a base with {field}={saved[field]!r}, "
+                f"but this model has {field}={getattr(cfg, field)!r}"
+            )
+    if verify_fingerprint:
+        current = fingerprint(params, cfg.base_name)
+        if saved.get("fingerprint") != current:
+            raise CheckpointError(
+                f"{source}: the base weights differ from those the patch was trained on "
+                f"(fingerprint {saved.get('fingerprint')} vs {current}); pass "
+                "check_fingerprint=False to load it anyway"
+            )
+
+
+def with_patch(module: EncoderModel, name: str, config: PatchConfig) -> EncoderModel:
+    """`module` with patch `name` added, or checked to be the same method and settings."""
+    for patch in module.patches:
+        if patch.name == name:
+            have = config_of(patch).to_dict()
+            want = config.to_dict()
+            diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want)}
+            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+            if diff:
+                raise CheckpointError(
+                    f"the model's patch {name!r} differs from the saved one: "
+                    + ", ".join(f"{k}: model {a!r} vs saved {b!r}" for k, (a, b) in diff.items())
+                )
+            return module
+    return module.clone(patches=(*module.patches, config.build(name)))
+
+
+def insert_leaves(module: EncoderModel, params: dict, leaves: dict, source: str | Path) -> dict:
+    """`params` with the given patch leaves set; paths and shapes must match the module."""
+    expected = traverse_util.flatten_dict(abstract_params(module))
+    flat = traverse_util.flatten_dict(leaves)
+    for path, leaf in flat.items():
+        if path not in expected:
+            raise CheckpointError(f"{source}: leaf {'/'.join(path)} does not exist in the model")
+        if tuple(np.shape(leaf)) != tuple(expected[path].shape):
+            raise CheckpointError(
+                f"{source}: leaf {'/'.join(path)} has shape {tuple(np.shape(leaf))}, "
+                f"the model expects {tuple(expected[path].shape)}"
+            )
+    merged = dict(traverse_util.flatten_dict(params))
+    merged.update({p: jax.numpy.asarray(v, dtype=expected[p].dtype) for p, v in flat.items()})
+    missing = [p for p in expected if p not in merged]
+    if missing:
+        raise CheckpointError(f"{source}: no values for {['/'.join(p) for p in missing[:5]]}")
+    return traverse_util.unflatten_dict(merged)
+
+
+def load_patch(
+    directory: str | Path,
+    module: EncoderModel,
+    params: dict,
+    *,
+    name: str | None = None,
+    check_fingerprint: bool = True,
+) -> tuple[EncoderModel, dict]:
+    """Adds the saved patch to (module, params); checks base sizes, method and fingerprint."""
+    directory = Path(directory).absolute()
+    info = read_patch_info(directory)
+    source = directory / PATCH_JSON
+    check_base(info, module, params, source, verify_fingerprint=check_fingerprint)
+    config = PatchConfig.from_dict(info["patch"])
+    saved_name = info["name"]
+    name = name or saved_name
+    module = with_patch(module, name, config)
+    with ocp.StandardCheckpointer() as checkpointer:
+        leaves = checkpointer.restore(directory / WEIGHTS)
+    if name != saved_name:
+        leaves = rename_patch(leaves, saved_name, name)
+    return module, insert_leaves(module, params, leaves, directory)
+
+
+def rename_patch(leaves: dict, old: str, new: str) -> dict:
+    """Moves leaves from scopes `<kind>_<old>` to `<kind>_<new>`."""
+    flat = traverse_util.flatten_dict(leaves)
+
+    def rename(part: str) -> str:
+        kind, _, rest = part.partition("_")
+        return f"{kind}_{new}" if kind in masks.PATCH_KINDS and rest == old else part
+
+    renamed = {tuple(rename(p) for p in path[:-1]) + path[-1:]: v for path, v in flat.items()}
+    return traverse_util.unflatten_dict(renamed)

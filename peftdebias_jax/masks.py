@@ -1,0 +1,181 @@
+"""Masks are data: ordered (regex, "train"|"freeze") rules -> a label per parameter leaf.
+
+Rules full-match `/`-joined parameter paths; the first match wins; every leaf must be
+covered and at least one must train. The one label tree drives the optimizer partition
+(frozen leaves get `optax.set_to_zero()` and no optimizer state), the gradient split
+(frozen leaves are never differentiated) and patch export.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from peftdebias_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAIN, FREEZE = "train", "freeze"
+Rules = Sequence[tuple[str, str]]
+PATCH_KINDS = ("lora", "adapter", "prefix", "prompt", "patch")
+
+
+def path_str(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+def patch_regex(name: str) -> str:
+    """A rule regex selecting every leaf of the patch called `name`, whatever its method."""
+    return rf"(.*/)?({'|'.join(PATCH_KINDS)})_{re.escape(name)}/.*"
+
+
+def patch_name(path: tuple[str, ...]) -> str | None:
+    """The name of the patch a leaf belongs to, from its scope (`adapter_race` -> "race")."""
+    for part in path[:-1]:  # scopes only: leaf names such as lora_A are not patches
+        kind, _, name = part.partition("_")
+        if kind in PATCH_KINDS and name:
+            return name
+    return None
+
+
+def labels(params: Any, rules: Rules) -> Any:
+    """The label pytree ("train"/"freeze") of `params` under `rules`; logs matched counts."""
+    compiled = []
+    for i, rule in enumerate(rules):
+        if len(rule) != 2 or rule[1] not in (TRAIN, FREEZE):
+            raise ConfigError(f"mask rule {i} {rule!r} must be (regex, 'train'|'freeze')")
+        try:
+            compiled.append((re.compile(rule[0]), rule[1]))
+        except re.error as err:
+            raise ConfigError(f"mask rule {i} {rule[0]!r} is not a valid regex: {err}") from None
+    flat = traverse_util.flatten_dict(params)
+    leaf_counts = [0] * len(compiled)
+    param_counts = [0] * len(compiled)
+    out = {}
+    uncovered = []
+    for path, leaf in flat.items():
+        name = path_str(path)
+        for i, (regex, label) in enumerate(compiled):
+            if regex.fullmatch(name):
+                out[path] = label
+                leaf_counts[i] += 1
+                param_counts[i] += int(leaf.size)
+                break
+        else:
+            uncovered.append(name)
+    if uncovered:
+        raise ConfigError(
+            f"mask rules cover no rule for {len(uncovered)} leaves, e.g. {uncovered[:3]}; "
+            "end the rules with ('.*', 'freeze') or ('.*', 'train')"
+        )
+    if TRAIN not in out.values():
+        raise ConfigError("mask rules leave no parameter to train")
+    for (regex, label), leaves, count in zip(compiled, leaf_counts, param_counts, strict=True):
+        log.info("mask rule %r -> %s: %d leaves, %d params", regex.pattern, label, leaves, count)
+    return traverse_util.unflatten_dict(out)
+
+
+def optimizer(tx: optax.GradientTransformation, label_tree: Any) -> optax.GradientTransformation:
+    """`tx` on the trainable leaves, `set_to_zero` (no state) on the frozen ones."""
+    return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, label_tree)
+
+
+def split(params: Any, label_tree: Any) -> tuple[dict, dict]:
+    """(trainable, frozen): two nested dicts that together hold every leaf once."""
+    flat = traverse_util.flatten_dict(params)
+    flat_labels = traverse_util.flatten_dict(label_tree)
+    train = {p: v for p, v in flat.items() if flat_labels[p] == TRAIN}
+    frozen = {p: v for p, v in flat.items() if flat_labels[p] != TRAIN}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def merge(*trees: Any) -> dict:
+    """The union of disjoint nested dicts (inverse of `split`)."""
+    flat: dict = {}
+    for tree in trees:
+        flat.update(traverse_util.flatten_dict(tree))
+    return traverse_util.unflatten_dict(flat)
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any], label_tree: Any, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+    """Like jax.value_and_grad(loss_fn) over params, differentiating trainable leaves only.
+
+    Frozen leaves enter the loss as constants; their gradient is a zero tree (which XLA
+    folds away in a jitted update), so the result plugs into `optimizer(...)`.
+    """
+
+    def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        trainable, frozen = split(params, label_tree)
+
+        def inner(train: Any) -> Any:
+            return loss_fn(merge(train, frozen), *args, **kwargs)
+
+        out, grads = jax.value_and_grad(inner, has_aux=has_aux)(trainable)
+        return out, merge(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
+
+    return wrapped
+
+
+def counts(params: Any, label_tree: Any) -> tuple[int, int]:
+    """(trainable, total) scalar counts."""
+    trainable, frozen = split(params, label_tree)
+    n_train = sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable))
+    n_frozen = sum(int(x.size) for x in jax.tree_util.tree_leaves(frozen))
+    return n_train, n_train + n_frozen
+
+
+def count_line(params: Any, label_tree: Any) -> str:
+    """`trainable params: N || all params: M || trainable%: P`, as HF peft prints it."""
+    n_train, total = counts(params, label_tree)
+    return (
+        f"trainable params: {n_train:,} || all params: {total:,} || "
+        f"trainable%: {100 * n_train / total:.4f}"
+    )
+
+
+def module_key(path: tuple[str, ...]) -> str:
+    """A leaf's module with layer numbers folded ("encoder/layer_*/output/adapter_race")."""
+    parts = ["layer_*" if re.fullmatch(r"layer_\d+", p) else p for p in path[:-1]]
+    return "/".join(parts)
+
+
+def summary(params: Any, label_tree: Any) -> str:
+    """A table: one row per (patch or base/head, module), with parameter counts."""
+    flat = traverse_util.flatten_dict(params)
+    flat_labels = traverse_util.flatten_dict(label_tree)
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for path, leaf in flat.items():
+        group = patch_name(path)
+        group = f"patch {group}" if group else ("head" if is_head(path) else "base")
+        row = rows[(group, module_key(path))]
+        row[0] += int(leaf.size)
+        if flat_labels[path] == TRAIN:
+            row[1] += int(leaf.size)
+    lines = [f"{'group':<16} {'module':<60} {'params':>12} {'trainable':>12}"]
+    lines.append("-" * len(lines[0]))
+    for (group, module), (total, train) in sorted(rows.items()):
+        lines.append(f"{group:<16} {module:<60} {total:>12,} {train:>12,}")
+    lines.append("-" * len(lines[0]))
+    lines.append(count_line(params, label_tree))
+    return "\n".join(lines)
+
+
+def is_head(path: tuple[str, ...]) -> bool:
+    return path[0] in ("cls", "lm_head", "classifier") or "pooler" in path[:2]
+
+
+def leaves_of(params: Any, names: Iterable[str]) -> dict:
+    """The sub-tree of the leaves that belong to the named patches."""
+    wanted = set(names)
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if patch_name(p) in wanted})

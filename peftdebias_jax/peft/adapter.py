@@ -1,0 +1,124 @@
+"""Bottleneck adapters with the `adapters` library's semantics.
+
+seq_bn (Pfeiffer et al. 2021), one adapter after each FFN output, the block's own
+LayerNorm applied before and after (METHOD.md §3.4.1):
+    u = LN(h + x);  y = LN(up(relu(down(u))) + h + x)
+double_seq_bn (Houlsby et al. 2019), after the attention output and the FFN output:
+    y = LN(up(swish(down(h))) + h + x)
+Weights init N(0, 0.02) and biases 0 ("bert"); "mam_adapter" zero-initialises `up`, which
+makes a fresh adapter the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
+from peftdebias_jax.peft.init import torch_linear_kernel
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+class Bottleneck(nn.Module):
+    """down -> activation -> up, scaled; params `down/*`, `up/*`."""
+
+    bottleneck: int
+    non_linearity: str
+    init_weights: str
+    scaling: float
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        hidden = x.shape[-1]
+        if self.init_weights == "bert":
+            down_init = up_init = nn.initializers.normal(0.02)
+        elif self.init_weights == "mam_adapter":
+            down_init = torch_linear_kernel()
+            up_init = nn.initializers.zeros
+        else:
+            raise ValueError(
+                f"init_weights must be 'bert' or 'mam_adapter', got {self.init_weights!r}"
+            )
+        down = nn.Dense(self.bottleneck, dtype=x.dtype, kernel_init=down_init, name="down")(x)
+        down = ACTIVATIONS[self.non_linearity](down)
+        up = nn.Dense(hidden, dtype=x.dtype, kernel_init=up_init, name="up")(down)
+        up = up * self.scaling
+        return nn.Dropout(self.dropout)(up, deterministic=deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqBn(Patch):
+    """Sequential bottleneck adapter (`seq_bn`, alias `pfeiffer`)."""
+
+    name: str = "adapter"
+    reduction_factor: float = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    init_weights: str = "bert"
+    scaling: float = 1.0
+    dropout: float = 0.0
+
+    method = "seq_bn"
+
+    def __post_init__(self) -> None:
+        if self.non_linearity not in ACTIVATIONS:
+            raise ValueError(
+                f"non_linearity {self.non_linearity!r} is not one of {sorted(ACTIVATIONS)}"
+            )
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        return max(1, int(hidden_size // self.reduction_factor))
+
+    def adapt_sublayer(self, state, slot, layer_index, hidden, residual, layer_norm, deterministic):
+        wanted = (slot == ATTENTION_OUTPUT and self.mh_adapter) or (
+            slot == FFN_OUTPUT and self.output_adapter
+        )
+        if not wanted:
+            return hidden
+        inputs = layer_norm(hidden + residual) if self.original_ln_before else hidden
+        adapter = Bottleneck(
+            self.bottleneck_size(hidden.shape[-1]),
+            self.non_linearity,
+            self.init_weights,
+            self.scaling,
+            self.dropout,
+            name=self.scope,
+        )
+        return hidden + adapter(inputs, deterministic)
+
+    @property
+    def scope(self) -> str:
+        return f"adapter_{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DoubleSeqBn(SeqBn):
+    """Houlsby adapter (`double_seq_bn`, alias `houlsby`): after attention and after the FFN."""
+
+    name: str = "adapter"
+    non_linearity: str = "swish"
+    original_ln_before: bool = False
+    mh_adapter: bool = True
+
+    method = "double_seq_bn"
+
+
+def count_bottleneck(hidden: int, reduction_factor: float) -> int:
+    """Parameters of one bottleneck: down (h x m + m) + up (m x h + h)."""
+    m = max(1, int(hidden // reduction_factor))
+    return hidden * m + m + m * hidden + hidden

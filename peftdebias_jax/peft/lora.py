@@ -1,0 +1,71 @@
+"""LoRA (Hu et al. 2021): y = W x + b + (alpha / r) * B A dropout(x), with A Kaiming-uniform
+and B zero, so a fresh patch leaves the model unchanged. Names follow HF peft / adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.peft.init import torch_linear_kernel
+
+
+class LoRADelta(nn.Module):
+    """The low-rank update of one dense layer; params `lora_A` [in, r] and `lora_B` [r, out]."""
+
+    r: int
+    scaling: float
+    dropout: float
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        a = self.param("lora_A", torch_linear_kernel(), (x.shape[-1], self.r), jnp.float32)
+        b = self.param("lora_B", nn.initializers.zeros, (self.r, self.features), jnp.float32)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return (x @ a.astype(x.dtype) @ b.astype(x.dtype)) * self.scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Patch):
+    """LoRA on the encoder's dense layers (pooler included) named by `target_modules`.
+
+    A list/tuple holds module-name suffixes ("query" matches "...attention.self.query"); a
+    string is a regex that must fully match the Hugging Face module name
+    (e.g. r"bert\\.encoder\\.layer\\.\\d+\\.attention\\.self\\.(query|value)").
+    Head layers (`cls.*`, `classifier*`) are never adapted; peft would also adapt a head
+    layer whose name matches, e.g. `cls.predictions.transform.dense` for "dense".
+    """
+
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("query", "value")
+
+    method = "lora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.r < 1:
+            raise ValueError(f"LoRA r must be >= 1, got {self.r}")
+
+    def targets(self, path: str) -> bool:
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, path) is not None
+        return any(path == t or path.endswith("." + t) for t in self.target_modules)
+
+    def dense_delta(self, state, path, x, features, deterministic):
+        if not self.targets(path):
+            return None
+        delta = LoRADelta(self.r, self.alpha / self.r, self.dropout, features, name=self.scope)
+        return delta(x, deterministic)
+
+    @property
+    def scope(self) -> str:
+        return f"lora_{self.name}"
