@@ -3,6 +3,8 @@
 Overrides: --config.upstream.learning_rate=1e-5 and the like (ml_collections).
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,6 +23,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    for noisy in ("absl", "jax", "orbax"):  # Orbax logs every file it writes at INFO
+        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
     filename = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or phases.default_workdir(filename)
     phases.run(_CONFIG.value, workdir)

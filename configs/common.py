@@ -64,7 +64,7 @@ def patch_config(method: str) -> ml_collections.ConfigDict:
         patch.flat = True  # the reference code's "prompt" is flat prefix tuning
         patch.bottleneck_size = 512
     elif method == "prompt_tuning":
-        patch.num_virtual_tokens = 30
+        patch.prompt_length = 30
     elif method != "none":
         raise ValueError(f"unknown patch method {method!r}")
     return patch
@@ -90,14 +90,17 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.model.init = "pretrained"  # or "random": config.model.architecture, random weights
     config.model.architecture = tiny_architecture()
     config.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    config.model.tokenizer_vocab_size = 2000  # random init: WordPiece trained on the corpus
 
     config.patch = patch_config(method)
 
     config.upstream = ml_collections.ConfigDict()
     config.upstream.train_file = "data/bias-bios/train.jsonl" if gender else "data/gab/train.jsonl"
     config.upstream.validation_file = config.upstream.train_file.replace("train", "validation")
-    config.upstream.text_column = "text"
-    config.upstream.word_list = "data/bias_attribute_words.json"
+    config.upstream.validation_fraction = 0.05  # held out when validation_file is ""
+    config.upstream.synthetic_size = 400  # sentences, when train_file is "synthetic"
+    config.upstream.text_column = ""  # "": "text" if present, else the first column
+    config.upstream.word_list = "data/bias_attribute_words.json"  # or "builtin" (small, own)
     config.upstream.word_list_key = WORD_LIST_KEY[axis]
     config.upstream.cda_mode = "reference"  # or "fixed"
     config.upstream.num_steps = 10_000
@@ -107,6 +110,8 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.mlm_probability = 0.15
     config.upstream.clip_norm = 1.0
     config.upstream.eval_every = 1_000
+    config.upstream.log_every = 50
+    config.upstream.checkpoint_every = 1_000
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
 
     config.downstream = ml_collections.ConfigDict()
@@ -148,6 +153,12 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
     config.upstream.batch_size = 16 if preset == "demo" else 4
     config.upstream.max_len = 64 if preset == "demo" else 32
     config.upstream.eval_every = 50 if preset == "demo" else 2
+    config.upstream.log_every = 10 if preset == "demo" else 1
+    config.upstream.checkpoint_every = 50 if preset == "demo" else 2
+    config.upstream.validation_file = ""
+    config.upstream.train_file = "synthetic"
+    config.upstream.word_list = "builtin"
+    config.upstream.synthetic_size = 2000 if preset == "demo" else 120
     config.downstream.epochs = 2 if preset == "demo" else 1
     config.downstream.batch_size = 16 if preset == "demo" else 4
     config.downstream.eval_batch_size = 32 if preset == "demo" else 8

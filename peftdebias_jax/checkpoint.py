@@ -254,3 +254,50 @@ def rename_patch(leaves: dict, old: str, new: str) -> dict:
 
     renamed = {tuple(rename(p) for p in path[:-1]) + path[-1:]: v for path, v in flat.items()}
     return traverse_util.unflatten_dict(renamed)
+
+
+class TrainCheckpoints:
+    """Resumable train state under `<workdir>/checkpoints` (Orbax CheckpointManager).
+
+    Each checkpoint holds a pytree (trainable params, optimizer state, step, rng) and a
+    JSON record (data position, best metric so far, ...). Frozen weights are not saved:
+    they come back from the pretrained checkpoint the config names.
+    """
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 2) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
+        host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host), record=ocp.args.JsonSave(record)
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """The saved tree (shaped like `target`) and record of `step`."""
+        abstract = jax.tree_util.tree_map(
+            lambda x: (
+                jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) if hasattr(x, "shape") else x
+            ),
+            jax.device_get(target),
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["record"])
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,7 +1,7 @@
 """The paper's phases composed from the library's parts, driven by one ml_collections config.
 
-This version builds the configured model; the upstream, downstream and evaluate phases
-are registered here as they land (see the README's status list).
+upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories.
+Later phases (downstream, evaluate) are registered in PHASES as they land.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
-from peftdebias_jax import models
+from peftdebias_jax import checkpoint, masks, models, peft
+from peftdebias_jax.data import cda, pipeline, records, synthetic
+from peftdebias_jax.data.mlm import special_ids_of
+from peftdebias_jax.data.tokenizer import train_wordpiece
+from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.training import parallel, steps
+from peftdebias_jax.training.loop import FitSettings, Selection, fit
+from peftdebias_jax.training.state import TrainState, adamw
 
 log = logging.getLogger(__name__)
-
-# phase name -> function(config, workdir); filled in as phases are implemented.
-PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {}
 
 
 def default_workdir(config_filename: str) -> Path:
@@ -49,6 +54,189 @@ def build_model(
 
 def count_params(params: dict) -> int:
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def patch_spec(config: ml_collections.ConfigDict) -> dict[str, peft.PatchConfig]:
+    """{name: PatchConfig} from config.patch (method, name and the method's settings)."""
+    raw = config.patch.to_dict()
+    method, name = raw.pop("method"), raw.pop("name")
+    if method == "none":
+        return {}
+    try:
+        return {name: peft.PatchConfig(method, **raw)}
+    except ConfigError as err:
+        raise ConfigError(f"config.patch: {err}") from None
+
+
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: Path, texts: list[str]):
+    """The checkpoint's tokenizer, or for random-init models one trained on the corpus
+    (saved in the workdir, so a resumed run and later phases reuse it)."""
+    if config.model.init != "random":
+        return models.load_tokenizer(config.model.name)
+    directory = workdir / "tokenizer"
+    if directory.exists():
+        return models.load_tokenizer(directory)
+    words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
+    tokenizer = train_wordpiece(texts, config.model.tokenizer_vocab_size, extra_words=words)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def random_architecture(config: ml_collections.ConfigDict, tokenizer) -> models.EncoderConfig:
+    arch = config.model.architecture.to_dict()
+    arch.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return models.EncoderConfig(**arch, dtype=config.model.dtype)
+
+
+def word_lists(config: ml_collections.ConfigDict) -> dict:
+    """config.upstream.word_list: a bias_attribute_words.json path, or "builtin"."""
+    if config.upstream.word_list == "builtin":
+        return synthetic.WORD_LISTS
+    return cda.load_word_lists(config.upstream.word_list)
+
+
+def upstream_texts(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    """(train, validation) texts; without a validation file a seeded fraction is held out.
+    train_file "synthetic" renders a small templated corpus (smoke runs, demos)."""
+    up = config.upstream
+    if up.train_file == "synthetic":
+        train = synthetic.corpus(config.axis, up.synthetic_size, config.seed)
+    else:
+        train = records.texts(up.train_file, up.text_column or None)
+    if up.validation_file:
+        return train, records.texts(up.validation_file, up.text_column or None)
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    held = max(1, round(len(train) * up.validation_fraction))
+    return [train[i] for i in sorted(order[held:])], [train[i] for i in sorted(order[:held])]
+
+
+def cda_sequences(config, tokenizer, texts: list[str], augmenter) -> list[np.ndarray]:
+    """normalise -> CDA -> token ids; logs how many documents and sequences came out."""
+    clean = pipeline.normalize(tokenizer, texts, config.upstream.max_len)
+    augmented = pipeline.augment_all(clean, augmenter)
+    log.info("CDA: %d documents -> %d sequences", len(texts), len(augmented))
+    if not augmented:
+        raise ConfigError(
+            f"CDA left no sequence from {len(texts)} documents of {config.upstream.train_file} "
+            f"(word list {config.upstream.word_list!r}, key {config.upstream.word_list_key!r})"
+        )
+    return pipeline.encode(tokenizer, augmented, config.upstream.max_len)
+
+
+def head_rules(module: models.EncoderModel) -> list[tuple[str, str]]:
+    """The MLM head parts the reference trains upstream (then drops): transform + bias."""
+    if module.config.model_type == "roberta":
+        return [(r"lm_head/(dense|layer_norm)/.*", "train"), (r"lm_head/bias", "train")]
+    return [(r"cls/predictions/transform/.*", "train"), (r"cls/predictions/bias", "train")]
+
+
+def upstream_rules(config, module: models.EncoderModel, patch_name: str) -> list[tuple[str, str]]:
+    rules = [(masks.patch_regex(patch_name), "train")]
+    if config.upstream.train_mlm_head:
+        rules += head_rules(module)
+    return [*rules, (".*", "freeze")]
+
+
+def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Learns a debias patch with CDA + masked-LM; writes `patch/` (best eval loss) and
+    `patch_final/` (last step) to the workdir and returns the best patch's directory."""
+    up = config.upstream
+    done = workdir / "upstream.done.json"
+    if done.exists() and (workdir / "patch").exists():
+        log.info("upstream already finished (%s); delete it to run again", done)
+        return workdir / "patch"
+    parallel.initialize_distributed(config.parallel.distributed)
+    spec = patch_spec(config)
+    if not spec:
+        raise ConfigError("config.patch.method is 'none': the upstream phase needs a patch")
+    (patch_name,) = spec
+    augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
+    train_texts, eval_texts = upstream_texts(config)
+    tokenizer = tokenizer_for(config, workdir, train_texts)
+    train_seqs = cda_sequences(config, tokenizer, train_texts, augmenter)
+    eval_seqs = cda_sequences(config, tokenizer, eval_texts, augmenter)
+
+    if config.model.init == "random":
+        module, params = models.from_config(
+            random_architecture(config, tokenizer), "mlm", patches=spec, seed=config.seed
+        )
+    else:
+        module, params = build_model(config, head="mlm", patches=spec)
+    label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
+    print(masks.summary(params, label_tree))
+    tx = masks.optimizer(adamw(up.learning_rate, up.num_steps, up.clip_norm), label_tree)
+    state = TrainState.create(params, tx, config.seed)
+
+    runner = parallel.Runner(config.parallel.mode, up.batch_size, "config.upstream.batch_size")
+    masking = steps.MaskingConfig(
+        special_ids=special_ids_of(tokenizer),
+        mask_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        rate=up.mlm_probability,
+    )
+    train_step = runner.compile(
+        steps.make_mlm_train_step(module, tx, label_tree, masking, runner.axis_name),
+        "upstream train step",
+    )
+    eval_step = runner.compile(
+        steps.make_mlm_eval_step(module, masking, runner.axis_name),
+        "upstream eval step",
+        donate=False,
+    )
+    pad = tokenizer.pad_token_id
+    batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
+    eval_batches = pipeline.Batches(eval_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
+
+    def evaluate(device_state) -> dict[str, float]:
+        results = []
+        for batch_spec in eval_batches.evaluation():
+            batch = runner.put_batch(eval_batches.materialize(batch_spec, runner.local_rows()))
+            results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
+        return {"eval_loss": steps.hf_eval_loss(results)}
+
+    base_name = config.model.name if config.model.init != "random" else None
+
+    def save(directory: Path, state: TrainState, step: int, results: dict) -> None:
+        checkpoint.save_patch(
+            directory,
+            state.params,
+            patch_name,
+            module,
+            axis=config.axis,
+            base_model_name=base_name,
+            training={"phase": "upstream", "step": step, **results},
+        )
+
+    settings = FitSettings(
+        num_steps=up.num_steps,
+        eval_every=up.eval_every,
+        log_every=up.log_every,
+        checkpoint_every=up.checkpoint_every,
+        name="upstream",
+    )
+    final, selection = fit(
+        state=state,
+        label_tree=label_tree,
+        runner=runner,
+        train_step=train_step,
+        batches=batches,
+        settings=settings,
+        checkpoint_dir=workdir / "checkpoints" / "upstream",
+        metrics_path=workdir / "metrics.jsonl",
+        evaluate=evaluate,
+        selection=Selection("eval_loss", "min"),
+        on_best=lambda s, step, results: save(workdir / "patch", s, step, results),
+    )
+    save(workdir / "patch_final", final, int(final.step), {})
+    if not (workdir / "patch").exists():
+        save(workdir / "patch", final, int(final.step), {})
+    summary = {"steps": int(final.step), "best": selection.to_record()}
+    done.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("upstream done: best eval loss %s at step %s", selection.best, selection.best_step)
+    return workdir / "patch"
+
+
+PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {"upstream": upstream}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:

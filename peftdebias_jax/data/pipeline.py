@@ -1,0 +1,132 @@
+"""Text -> clean text -> CDA -> token ids -> bucketed, fixed-shape batches.
+
+Every batch of a bucket has the same shape [batch_size, bucket_length], so a jitted step
+compiles once per bucket. The order of training batches is a pure function of
+(seed, epoch), so a run resumes at (epoch, index) with exactly the batches it would have
+seen. Each batch row carries its position in the global batch (`index`, which seeds its
+training masks), its dataset row (`row`, which seeds its fixed evaluation masks) and a
+`weight` (0 for filler rows of a last, short eval batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def normalize(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
+    """Texts as the tokenizer sees them: lower-cased, accents stripped, punctuation spaced
+    and cleaned up as `decode` does, truncated to `max_len` tokens with [CLS]/[SEP]."""
+    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len - 2)[
+        "input_ids"
+    ]
+    return tokenizer.batch_decode(ids, clean_up_tokenization_spaces=True)
+
+
+def augment_all(texts: Sequence[str], augmenter: Callable[[str], list[str]]) -> list[str]:
+    return [out for text in texts for out in augmenter(text)]
+
+
+def encode(tokenizer, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
+    """[CLS] text [SEP] token ids, truncated to max_len, no padding."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    return [np.asarray(row, np.int32) for row in ids]
+
+
+def bucket_lengths(max_len: int, smallest: int = 16) -> list[int]:
+    """Powers of two from `smallest` up to `max_len` (always included)."""
+    lengths = []
+    length = smallest
+    while length < max_len:
+        lengths.append(length)
+        length *= 2
+    return [*lengths, max_len]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Which rows form one batch, padded to `length`."""
+
+    length: int
+    rows: tuple[int, ...]
+    real: int  # the first `real` rows count; the rest are filler
+
+
+class Batches:
+    """Bucketed batches over tokenized sequences."""
+
+    def __init__(
+        self,
+        sequences: Sequence[np.ndarray],
+        batch_size: int,
+        max_len: int,
+        pad_id: int,
+        seed: int = 0,
+    ) -> None:
+        if not sequences:
+            raise ValueError("no sequences to batch")
+        self.sequences = list(sequences)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+        self.lengths = bucket_lengths(max_len)
+        self.buckets: dict[int, list[int]] = {}
+        for i, seq in enumerate(self.sequences):
+            length = next(b for b in self.lengths if b >= len(seq))
+            self.buckets.setdefault(length, []).append(i)
+
+    def training_epoch(self, epoch: int) -> list[BatchSpec]:
+        """Shuffled full batches; a bucket's last batch wraps around to its first rows."""
+        rng = np.random.default_rng([self.seed, epoch])
+        specs = []
+        for length in sorted(self.buckets):
+            rows = rng.permutation(self.buckets[length])
+            count = -(-len(rows) // self.batch_size)
+            padded = np.resize(rows, count * self.batch_size)
+            for start in range(0, len(padded), self.batch_size):
+                chunk = tuple(int(r) for r in padded[start : start + self.batch_size])
+                specs.append(BatchSpec(length, chunk, self.batch_size))
+        order = rng.permutation(len(specs))
+        return [specs[i] for i in order]
+
+    def evaluation(self) -> list[BatchSpec]:
+        """Every row once, in order; a short last batch is filled with weight-0 rows."""
+        specs = []
+        for length in sorted(self.buckets):
+            rows = self.buckets[length]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                real = len(chunk)
+                chunk = chunk + [chunk[0]] * (self.batch_size - real)
+                specs.append(BatchSpec(length, tuple(chunk), real))
+        return specs
+
+    def materialize(self, spec: BatchSpec, rows: slice = slice(None)) -> Batch:
+        """The arrays of one batch (optionally only this process's `rows` of it)."""
+        positions = np.arange(self.batch_size)[rows]
+        ids = np.full((len(positions), spec.length), self.pad_id, np.int32)
+        for out, position in enumerate(positions):
+            seq = self.sequences[spec.rows[position]]
+            ids[out, : len(seq)] = seq
+        mask = np.zeros_like(ids)
+        for out, position in enumerate(positions):
+            mask[out, : len(self.sequences[spec.rows[position]])] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "index": positions.astype(np.int32),
+            "row": np.asarray([spec.rows[p] for p in positions], np.int32),
+            "weight": (positions < spec.real).astype(np.float32),
+        }
+
+    def stream(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, BatchSpec]]:
+        """(epoch, index, spec) forever, starting at a resume position."""
+        while True:
+            specs = self.training_epoch(epoch)
+            for i in range(index, len(specs)):
+                yield epoch, i, specs[i]
+            epoch, index = epoch + 1, 0

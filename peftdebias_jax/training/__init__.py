@@ -1,0 +1,1 @@
+"""Training: state, pure steps, parallel builders, the fit loop."""

@@ -1,0 +1,198 @@
+"""fit: the training loop both phases share.
+
+Resumes from the latest checkpoint in the workdir (same batches, same randomness), logs
+loss and throughput every `log_every` steps (metrics stay on the device in between),
+evaluates every `eval_every` steps, keeps the best step by a chosen metric (calling
+`on_best`, e.g. to save the patch), checkpoints every `checkpoint_every` steps and stops
+with an error naming the step if the loss or gradient norm stops being finite; the last
+checkpoint saved before that is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from peftdebias_jax import masks
+from peftdebias_jax.checkpoint import TrainCheckpoints
+from peftdebias_jax.data.pipeline import Batches
+from peftdebias_jax.errors import PeftDebiasError
+from peftdebias_jax.training.parallel import Runner
+from peftdebias_jax.training.progress import Progress
+from peftdebias_jax.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(PeftDebiasError, FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class Selection:
+    """Keeps the best evaluation so far by `metric` ("min" or "max")."""
+
+    metric: str
+    mode: str = "min"
+    best: float | None = None
+    best_step: int | None = None
+
+    def improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def to_record(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "best": self.best, "step": self.best_step}
+
+
+@dataclass
+class FitSettings:
+    num_steps: int
+    eval_every: int
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    name: str = "train"
+    extra_record: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricsLog:
+    """Appends JSON lines (one per log or evaluation, with the phase name) to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **values: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(values) + "\n")
+
+
+def checkpoint_tree(state: TrainState, label_tree: Any) -> dict[str, Any]:
+    """What a checkpoint stores: trainable params (frozen ones come from the base model)."""
+    trainable, _ = masks.split(state.params, label_tree)
+    return {"params": trainable, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def restore_into(state: TrainState, tree: dict[str, Any], label_tree: Any) -> TrainState:
+    _, frozen = masks.split(state.params, label_tree)
+    return state.replace(
+        params=masks.merge(tree["params"], frozen),
+        opt_state=tree["opt_state"],
+        step=tree["step"],
+        rng=tree["rng"],
+    )
+
+
+def fit(
+    *,
+    state: TrainState,
+    label_tree: Any,
+    runner: Runner,
+    train_step: Callable,
+    batches: Batches,
+    settings: FitSettings,
+    checkpoint_dir: Path,
+    metrics_path: Path,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    selection: Selection | None = None,
+    on_best: Callable[[TrainState, int, dict[str, float]], None] | None = None,
+) -> tuple[TrainState, Selection | None]:
+    """Trains to `settings.num_steps`, resuming from `checkpoint_dir` if it holds a checkpoint."""
+    checkpoints = TrainCheckpoints(checkpoint_dir)
+    metrics_log = MetricsLog(metrics_path)
+    epoch = index = 0
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        tree, record = checkpoints.restore(latest, checkpoint_tree(state, label_tree))
+        state = restore_into(state, tree, label_tree)
+        epoch, index = record["epoch"], record["index"]
+        if selection is not None and record.get("selection"):
+            saved = record["selection"]
+            selection.best, selection.best_step = saved["best"], saved["step"]
+        log.info("resuming %s from step %d (%s)", settings.name, latest, checkpoints.directory)
+    start = int(state.step)
+    if start >= settings.num_steps:
+        log.info("%s already finished (%d steps)", settings.name, start)
+        checkpoints.close()
+        return state, selection
+
+    device_state = runner.put_state(state)
+    stream = batches.stream(epoch, index)
+    progress = Progress(settings.num_steps, start, settings.name)
+    pending: list[tuple[int, Any]] = []
+    last_flush = time.perf_counter()
+
+    def flush(done: int) -> None:
+        nonlocal last_flush
+        if not pending:
+            return
+        host = [(s, jax.device_get(runner.get_metrics(m))) for s, m in pending]
+        for s, values in host:
+            for key in ("loss", "grad_norm", "params_finite"):
+                value = float(values[key])
+                if not math.isfinite(value) or (key == "params_finite" and value != 1.0):
+                    kept = checkpoints.latest_step()
+                    what = (
+                        "updated parameters are not finite"
+                        if key == "params_finite"
+                        else (f"the {key} is {value}")
+                    )
+                    raise TrainingDiverged(
+                        f"{settings.name}: {what} at step {s}; stopping. The last "
+                        f"good checkpoint (step {kept}) is kept in {checkpoints.directory}"
+                    )
+        elapsed = time.perf_counter() - last_flush
+        last_flush = time.perf_counter()
+        loss = float(np.mean([float(v["loss"]) for _, v in host]))
+        grad_norm = float(np.mean([float(v["grad_norm"]) for _, v in host]))
+        rate = len(host) * runner.batch_size / elapsed if elapsed > 0 else 0.0
+        metrics_log.write(
+            phase=settings.name, step=done, loss=loss, grad_norm=grad_norm, examples_per_s=rate
+        )
+        progress.update(done, len(host) * runner.batch_size, loss=loss)
+        pending.clear()
+
+    try:
+        for step in range(start, settings.num_steps):
+            epoch, index, spec = next(stream)
+            batch = runner.put_batch(batches.materialize(spec, runner.local_rows()))
+            device_state, metrics = train_step(device_state, batch)
+            done = step + 1
+            pending.append((done, metrics))
+            last = done == settings.num_steps
+            if done % settings.log_every == 0 or last:
+                flush(done)
+            if evaluate is not None and (done % settings.eval_every == 0 or last):
+                flush(done)
+                results = evaluate(device_state)
+                metrics_log.write(phase=settings.name, step=done, **results)
+                log.info("%s step %d: %s", settings.name, done, results)
+                if selection is not None and selection.improves(results[selection.metric]):
+                    selection.best, selection.best_step = results[selection.metric], done
+                    if on_best is not None:
+                        on_best(runner.get_state(device_state), done, results)
+            if done % settings.checkpoint_every == 0 or last:
+                flush(done)
+                record = {
+                    "epoch": epoch,
+                    "index": index + 1,
+                    "selection": selection.to_record() if selection else None,
+                    **settings.extra_record,
+                }
+                host_state = runner.get_state(device_state)
+                checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
+    finally:
+        progress.close()
+        checkpoints.close()
+    return runner.get_state(device_state), selection

@@ -1,0 +1,141 @@
+"""Pure train and eval steps: step(state, batch) -> (state, metrics).
+
+The masked-LM loss is the mean cross-entropy over the selected positions of the whole
+(global) batch. Under `pmap` (axis_name set) each device holds part of the batch: counts
+are summed across devices before normalising and gradients are summed after, so every
+mode computes the same update as one device would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftdebias_jax import masks
+from peftdebias_jax.data import mlm
+from peftdebias_jax.training.state import TrainState
+
+EVAL_STREAM = 2**31 - 1  # fold-in constant of the evaluation masks (fixed across evals)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    special_ids: tuple[int, ...]
+    mask_id: int
+    vocab_size: int
+    rate: float = 0.15
+
+
+def psum(x, axis_name: str | None):
+    return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng):
+    """Summed cross-entropy over the selected positions, and the logits' shape is [B, L, V]."""
+    logits = module.apply(
+        {"params": params},
+        inputs,
+        attention_mask,
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(ce * selected)
+
+
+def all_finite(tree) -> jax.Array:
+    """1.0 if every value of `tree` is finite, else 0.0."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)).astype(jnp.float32)
+
+
+def make_mlm_train_step(
+    module,
+    tx: optax.GradientTransformation,
+    label_tree,
+    masking: MaskingConfig,
+    axis_name: str | None = None,
+):
+    """The upstream step: dynamic masking, masked-LM loss, gradients of trainable leaves."""
+
+    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count):
+        return (
+            mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng)
+            / count
+        )
+
+    grad_fn = masks.value_and_grad(loss_fn, label_tree)
+
+    def step(state: TrainState, batch):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        mask_rng, dropout_rng = jax.random.split(step_rng)
+        if axis_name:
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        inputs, selected = mlm.mask_tokens(
+            mask_rng,
+            ids,
+            attention,
+            batch["index"],
+            special_ids=masking.special_ids,
+            mask_id=masking.mask_id,
+            vocab_size=masking.vocab_size,
+            rate=masking.rate,
+        )
+        selected = selected & (batch["weight"][:, None] > 0)
+        count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
+        loss, grads = grad_fn(state.params, inputs, ids, attention, selected, dropout_rng, count)
+        loss, grads = psum(loss, axis_name), psum(grads, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        trainable, _ = masks.split(grads, label_tree)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(trainable),
+            "params_finite": all_finite(masks.split(params, label_tree)[0]),
+            "masked": count,
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_mlm_eval_step(module, masking: MaskingConfig, axis_name: str | None = None):
+    """Summed loss and count of masked positions for one batch, with fixed eval masks."""
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, EVAL_STREAM), 0)
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        inputs, selected = mlm.mask_tokens(
+            rng,
+            ids,
+            attention,
+            batch["row"],
+            special_ids=masking.special_ids,
+            mask_id=masking.mask_id,
+            vocab_size=masking.vocab_size,
+            rate=masking.rate,
+        )
+        selected = selected & (batch["weight"][:, None] > 0)
+        total = mlm_loss_sum(module, state.params, inputs, ids, attention, selected, None)
+        return {
+            "loss_sum": psum(total, axis_name),
+            "count": psum(jnp.sum(selected).astype(jnp.float32), axis_name),
+            "examples": psum(jnp.sum(batch["weight"]), axis_name),
+        }
+
+    return step
+
+
+def hf_eval_loss(batch_metrics: Sequence[dict]) -> float:
+    """transformers' eval loss: per-batch mean loss, weighted by the batch's example count."""
+    weighted = examples = 0.0
+    for m in batch_metrics:
+        if float(m["count"]) > 0:
+            weighted += float(m["loss_sum"]) / float(m["count"]) * float(m["examples"])
+            examples += float(m["examples"])
+    return weighted / examples if examples else float("nan")

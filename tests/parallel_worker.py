@@ -1,0 +1,51 @@
+"""Run by test_parallel.py in a subprocess with 4 host devices: the upstream phase for
+5 steps under each parallel mode; prints the largest difference to single-device jit."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from config_fixtures import load_config
+from flax import traverse_util
+
+from peftdebias_jax import phases
+from peftdebias_jax.training import parallel
+
+
+def run(mode: str, workdir: Path, name: str) -> dict:
+    config = load_config(name, "smoke")
+    config.model.architecture.hidden_dropout_prob = 0.0  # pmap draws dropout per device
+    config.model.architecture.attention_probs_dropout_prob = 0.0
+    config.upstream.update(
+        num_steps=5, batch_size=8, learning_rate=1e-2, eval_every=5, synthetic_size=60
+    )
+    config.parallel.mode = mode
+    phases.upstream(config, workdir / mode)
+    with ocp.StandardCheckpointer() as c:
+        leaves = c.restore(workdir / mode / "patch_final" / "weights")
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(leaves).items()}
+
+
+def main() -> None:
+    workdir, name = Path(sys.argv[1]), sys.argv[2]
+    assert jax.device_count() == 4, jax.devices()
+    assert parallel.resolve_mode("auto") == "jit"
+    reference = run("single", workdir, name)
+    report = {"devices": jax.device_count()}
+    for mode in ("jit", "pmap"):
+        other = run(mode, workdir, name)
+        assert other.keys() == reference.keys()
+        report[mode] = max(float(np.abs(other[k] - reference[k]).max()) for k in reference)
+        report[f"{mode}_moved"] = (
+            max(float(np.abs(other[k]).max()) for k in reference if k.endswith("lora_B"))
+            if any(k.endswith("lora_B") for k in reference)
+            else None
+        )
+    print("RESULT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Dynamic masking rates and invariances; bucketed, deterministic, resumable batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftdebias_jax.data import mlm, pipeline
+
+SPECIAL = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK]
+MASK_ID, VOCAB = 4, 1000
+
+
+def draw(rng, ids, attention, index):
+    return mlm.mask_tokens(
+        rng, ids, attention, index, special_ids=SPECIAL, mask_id=MASK_ID, vocab_size=VOCAB
+    )
+
+
+def test_masking_rates_over_many_draws():
+    rows, length = 64, 128
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, VOCAB, size=(rows, length)).astype(np.int32)
+    ids[:, 0], ids[:, 100] = 2, 3  # [CLS] ... [SEP], then padding
+    ids[:, 101:] = 0
+    ids[:, 50] = 1  # an [UNK] in the middle
+    attention = (ids != 0).astype(np.int32)
+    fn = jax.jit(draw)
+    selected_total = masked = randomized = kept = 0
+    eligible = (attention.astype(bool) & ~np.isin(ids, SPECIAL)).sum()
+    for seed in range(40):
+        inputs, selected = map(
+            np.asarray, fn(jax.random.key(seed), ids, attention, np.arange(rows))
+        )
+        assert not selected[~(attention.astype(bool) & ~np.isin(ids, SPECIAL))].any()
+        np.testing.assert_array_equal(inputs[~selected], ids[~selected])
+        selected_total += selected.sum()
+        masked += (inputs[selected] == MASK_ID).sum()
+        kept += (inputs[selected] == ids[selected]).sum()
+        randomized += ((inputs[selected] != MASK_ID) & (inputs[selected] != ids[selected])).sum()
+    assert abs(selected_total / (40 * eligible) - 0.15) < 0.005
+    assert abs(masked / selected_total - 0.8) < 0.01
+    # a random replacement can draw the original id (1/1000), so "kept" is ~0.1 + tiny
+    assert abs(randomized / selected_total - 0.1) < 0.01
+    assert abs(kept / selected_total - 0.1) < 0.01
+
+
+def test_masks_depend_on_the_row_not_on_the_batch_it_sits_in():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, VOCAB, size=(8, 32)).astype(np.int32)
+    attention = np.ones_like(ids)
+    key = jax.random.key(7)
+    whole, sel = draw(key, ids, attention, jnp.arange(8))
+    half, half_sel = draw(key, ids[4:], attention[4:], jnp.arange(4, 8))
+    np.testing.assert_array_equal(np.asarray(whole)[4:], np.asarray(half))
+    np.testing.assert_array_equal(np.asarray(sel)[4:], np.asarray(half_sel))
+
+
+def sequences(count=37, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.arange(2, 2 + n, dtype=np.int32) for n in rng.integers(3, 60, size=count)]
+
+
+def test_training_batches_are_bucketed_full_and_deterministic():
+    seqs = sequences()
+    batches = pipeline.Batches(seqs, batch_size=4, max_len=64, pad_id=0, seed=3)
+    epoch = batches.training_epoch(0)
+    assert epoch == pipeline.Batches(seqs, 4, 64, 0, seed=3).training_epoch(0)
+    assert epoch != batches.training_epoch(1)
+    assert {spec.length for spec in epoch} <= {16, 32, 64}
+    seen = set()
+    for spec in epoch:
+        batch = batches.materialize(spec)
+        assert batch["input_ids"].shape == (4, spec.length)
+        assert batch["weight"].tolist() == [1.0] * 4
+        for row, ids, mask in zip(
+            spec.rows, batch["input_ids"], batch["attention_mask"], strict=True
+        ):
+            n = len(seqs[row])
+            assert n <= spec.length and mask.sum() == n
+            np.testing.assert_array_equal(ids[:n], seqs[row])
+            seen.add(row)
+    assert seen == set(range(len(seqs))), "every sequence is seen each epoch"
+
+
+def test_stream_resumes_at_a_position():
+    batches = pipeline.Batches(sequences(), 4, 64, 0, seed=3)
+    full = [spec for _, (_, _, spec) in zip(range(30), batches.stream(), strict=False)]
+    stream = batches.stream()
+    for _ in range(12):
+        epoch, index, _ = next(stream)
+    resumed = [
+        spec for _, (_, _, spec) in zip(range(18), batches.stream(epoch, index + 1), strict=False)
+    ]
+    assert resumed == full[12:]
+
+
+def test_evaluation_covers_every_row_once():
+    seqs = sequences(count=10)
+    batches = pipeline.Batches(seqs, 4, 64, 0)
+    rows, weights = [], []
+    for spec in batches.evaluation():
+        batch = batches.materialize(spec)
+        rows += batch["row"][batch["weight"] > 0].tolist()
+        weights += batch["weight"].tolist()
+    assert sorted(rows) == list(range(10))
+    assert sum(weights) == 10
+
+
+def test_local_rows_of_a_batch():
+    batches = pipeline.Batches(sequences(), 4, 64, 0)
+    spec = batches.training_epoch(0)[0]
+    whole = batches.materialize(spec)
+    part = batches.materialize(spec, slice(2, 4))
+    np.testing.assert_array_equal(part["input_ids"], whole["input_ids"][2:])
+    assert part["index"].tolist() == [2, 3]
