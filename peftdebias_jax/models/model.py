@@ -86,7 +86,7 @@ class EncoderModel(nn.Module):
 def init_params(module: EncoderModel, rng: jax.Array) -> dict:
     """Freshly initialised parameters (transformers' initialisation: N(0, 0.02), zero bias)."""
     ids, mask = module.dummy_inputs()
-    return jax.jit(module.init)(rng, ids, mask)["params"]
+    return module.init(rng, ids, mask)["params"]
 
 
 def abstract_params(module: EncoderModel) -> dict:
