@@ -116,15 +116,30 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     config.downstream = ml_collections.ConfigDict()
     config.downstream.task = AXIS_TASK[axis]
-    config.downstream.data_dir = "data/bias-bios" if gender else "data/gab"
+    data_dir = "data/bias-bios" if gender else "data/gab"
+    config.downstream.train_file = f"{data_dir}/train.jsonl"  # or "synthetic"
+    config.downstream.validation_file = f"{data_dir}/validation.jsonl"  # "": hold out a part
+    config.downstream.test_file = f"{data_dir}/test.jsonl"  # "": score validation only
+    config.downstream.validation_fraction = 0.1
+    config.downstream.synthetic_size = 400
+    # extra scored sets, "<task>=<file>", e.g. "iptts=data/iptts77k/test.csv" (FPRD_IPTTS)
+    config.downstream.extra_evals = ()
+    config.downstream.bias_nli_occupations = ""  # both set: Bias-NLI probes scored (FN)
+    config.downstream.bias_nli_gendered_words = ""
     config.downstream.epochs = 5 if gender else 10  # reference code; the paper says 10
+    config.downstream.num_steps = 0  # > 0 overrides epochs
     config.downstream.batch_size = 32
-    config.downstream.eval_batch_size = 128
     config.downstream.learning_rate = 2e-5
+    config.downstream.clip_norm = 1.0
     config.downstream.max_len = 128
     config.downstream.eval_every = 5_000 if gender else 1_000
-    config.downstream.freeze_layernorm = True  # reference code (not in the paper)
-    config.downstream.patches = ()  # extra patch directories to load, frozen
+    config.downstream.log_every = 50
+    config.downstream.checkpoint_every = 1_000
+    config.downstream.class_weights = True  # GHC 10, Stormfront 6.7 for the hate class
+    # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
+    config.downstream.freeze_layernorm = True
+    # patch directories to load, frozen; () = this run's upstream patch, when it has one
+    config.downstream.patches = ()
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"
@@ -159,11 +174,16 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
     config.upstream.train_file = "synthetic"
     config.upstream.word_list = "builtin"
     config.upstream.synthetic_size = 2000 if preset == "demo" else 120
+    config.downstream.train_file = "synthetic"
+    config.downstream.validation_file = ""
+    config.downstream.test_file = ""
+    config.downstream.synthetic_size = 800 if preset == "demo" else 48
     config.downstream.epochs = 2 if preset == "demo" else 1
-    config.downstream.batch_size = 16 if preset == "demo" else 4
-    config.downstream.eval_batch_size = 32 if preset == "demo" else 8
+    config.downstream.batch_size = 16 if preset == "demo" else 8
     config.downstream.max_len = 64 if preset == "demo" else 32
-    config.downstream.eval_every = 50 if preset == "demo" else 2
+    config.downstream.eval_every = 25 if preset == "demo" else 3
+    config.downstream.log_every = 10 if preset == "demo" else 1
+    config.downstream.checkpoint_every = 25 if preset == "demo" else 3
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -301,3 +301,23 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def save_tree(directory: str | Path, tree: Any) -> Path:
+    """A pytree saved with Orbax, replacing `directory` only once the new copy is written."""
+    directory = Path(directory).absolute()
+    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging, host)
+        replace_directory(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+def load_tree(directory: str | Path) -> Any:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(directory).absolute())

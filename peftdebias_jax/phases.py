@@ -1,7 +1,8 @@
 """The paper's phases composed from the library's parts, driven by one ml_collections config.
 
 upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories.
-Later phases (downstream, evaluate) are registered in PHASES as they land.
+downstream: encoder + frozen patch(es) -> task data -> fit(classification step) -> metrics.
+The evaluate phase is registered in PHASES when it lands.
 """
 
 from __future__ import annotations
@@ -236,7 +237,17 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     return workdir / "patch"
 
 
-PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {"upstream": upstream}
+def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Fine-tunes the task with the patch(es) frozen; see peftdebias_jax.downstream."""
+    from peftdebias_jax import downstream as downstream_phase
+
+    return downstream_phase.run(config, Path(workdir))
+
+
+PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
+    "upstream": upstream,
+    "downstream": downstream,
+}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:

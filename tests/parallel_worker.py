@@ -1,5 +1,6 @@
-"""Run by test_parallel.py in a subprocess with 4 host devices: the upstream phase for
-5 steps under each parallel mode; prints the largest difference to single-device jit."""
+"""Run by test_parallel.py in a subprocess with 4 host devices: the upstream (5 steps) and
+downstream (4 steps) phases under each parallel mode; prints the largest difference of
+the trained parameters to single-device jit."""
 
 import json
 import sys
@@ -22,11 +23,17 @@ def run(mode: str, workdir: Path, name: str) -> dict:
     config.upstream.update(
         num_steps=5, batch_size=8, learning_rate=1e-2, eval_every=5, synthetic_size=60
     )
+    config.downstream.update(num_steps=4, batch_size=8, learning_rate=1e-3, eval_every=2)
     config.parallel.mode = mode
     phases.upstream(config, workdir / mode)
+    phases.downstream(config, workdir / mode)
     with ocp.StandardCheckpointer() as c:
         leaves = c.restore(workdir / mode / "patch_final" / "weights")
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(leaves).items()}
+        tuned = c.restore(workdir / mode / "checkpoints" / "downstream" / "4" / "state")
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(leaves).items()}
+    for k, v in traverse_util.flatten_dict(tuned["params"]).items():
+        flat["downstream/" + "/".join(k)] = np.asarray(v)
+    return flat
 
 
 def main() -> None:

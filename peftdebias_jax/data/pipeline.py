@@ -37,6 +37,19 @@ def encode(tokenizer, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
     return [np.asarray(row, np.int32) for row in ids]
 
 
+def encode_pairs(
+    tokenizer, texts: Sequence[str], pairs: Sequence[str | None], max_len: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token ids and token types of single texts or (premise, hypothesis) pairs."""
+    if any(p is not None for p in pairs):
+        enc = tokenizer(list(texts), [p or "" for p in pairs], truncation=True, max_length=max_len)
+    else:
+        enc = tokenizer(list(texts), truncation=True, max_length=max_len)
+    ids = [np.asarray(row, np.int32) for row in enc["input_ids"]]
+    types = enc.get("token_type_ids") or [[0] * len(row) for row in ids]
+    return ids, [np.asarray(row, np.int32) for row in types]
+
+
 def bucket_lengths(max_len: int, smallest: int = 16) -> list[int]:
     """Powers of two from `smallest` up to `max_len` (always included)."""
     lengths = []
@@ -66,10 +79,14 @@ class Batches:
         max_len: int,
         pad_id: int,
         seed: int = 0,
+        token_types: Sequence[np.ndarray] | None = None,
+        labels: Sequence[int] | None = None,
     ) -> None:
         if not sequences:
             raise ValueError("no sequences to batch")
         self.sequences = list(sequences)
+        self.token_types = list(token_types) if token_types is not None else None
+        self.labels = np.asarray(labels, np.int32) if labels is not None else None
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
@@ -115,7 +132,17 @@ class Batches:
         mask = np.zeros_like(ids)
         for out, position in enumerate(positions):
             mask[out, : len(self.sequences[spec.rows[position]])] = 1
+        extra = {}
+        if self.token_types is not None:
+            types = np.zeros_like(ids)
+            for out, position in enumerate(positions):
+                row = self.token_types[spec.rows[position]]
+                types[out, : len(row)] = row
+            extra["token_type_ids"] = types
+        if self.labels is not None:
+            extra["label"] = self.labels[[spec.rows[p] for p in positions]]
         return {
+            **extra,
             "input_ids": ids,
             "attention_mask": mask,
             "index": positions.astype(np.int32),

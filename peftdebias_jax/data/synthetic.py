@@ -61,3 +61,58 @@ def corpus(axis: str, count: int, seed: int = 0) -> list[str]:
         person = people[rng.integers(len(people))]
         out.append(f"{person.capitalize()} {action}{ENDINGS[rng.integers(len(ENDINGS))]}.")
     return out
+
+
+# --- labelled tasks with a planted association between the protected attribute and the
+# label: when a sentence's own cue is withheld, only the attribute predicts the label.
+JOB_CUES = {
+    "nurse": "cares for patients on the night ward",
+    "teacher": "grades homework for the class",
+    "surgeon": "operates in the hospital theatre",
+    "software_engineer": "writes code for the new app",
+}
+FEMALE_TYPED = ("nurse", "teacher")
+NEUTRAL_CUE = "works long hours and rarely takes a holiday"
+HATE_PHRASES = ["should be driven out of this country", "are vermin and liars",
+                "ruin everything they touch", "deserve nothing but contempt"]  # fmt: skip
+NEUTRAL_PHRASES = ["went to the market on sunday", "like to watch football",
+                   "cooked dinner for the neighbours", "planted trees in the park"]  # fmt: skip
+TARGETED = ["muslim", "black", "gay", "jewish"]
+OTHERS = ["local", "young", "old", "tall"]
+
+
+def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: float = 0.5):
+    """`count` examples of a synthetic `task` ("bias_bios", or a hate task: "ghc",
+    "stormfront", "lhc"), each a tasks.Example.
+
+    bias_bios: a person (he/she) and a description of their job; the description is the
+    job's own cue with probability `cue_rate`, else a neutral one. Women are nurses or
+    teachers with probability `bias`, so a model that relies on gender shows a TPR gap.
+    Hate tasks: a group and a phrase; hateful phrases target the TARGETED identities with
+    probability `bias`, so identity words become false-positive triggers (FPRD).
+    """
+    from peftdebias_jax.data.tasks import Example
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        if task == "bias_bios":
+            female = bool(rng.random() < 0.5)
+            typed = (
+                FEMALE_TYPED
+                if female == bool(rng.random() < bias)
+                else ("surgeon", "software_engineer")
+            )
+            job = typed[rng.integers(2)]
+            cue = JOB_CUES[job] if rng.random() < cue_rate else NEUTRAL_CUE
+            person = ("She" if female else "He") + " " + ("" if rng.random() < 0.5 else "really ")
+            out.append(Example(f"{person}{cue}.", job, None, "f" if female else "m", str(i)))
+        else:
+            hateful = bool(rng.random() < 0.4)
+            targeted = bool(rng.random() < (bias if hateful else 1 - bias))
+            group = (TARGETED if targeted else OTHERS)[rng.integers(4)]
+            phrase = (HATE_PHRASES if hateful else NEUTRAL_PHRASES)[rng.integers(4)]
+            out.append(
+                Example(f"{group} people {phrase}.", "1" if hateful else "0", None, None, str(i))
+            )
+    return out

@@ -118,6 +118,13 @@ class Runner:
         shards = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
         return jax.device_put(shards, self.sharded)
 
+    def gather_rows(self, outputs: Any) -> Any:
+        """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices)."""
+        outputs = jax.device_get(outputs)
+        if self.mode == "pmap":
+            return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+        return outputs
+
     def get_metrics(self, metrics: Any) -> Any:
         """Per-step metrics on one device (pmap returns one identical copy per device)."""
         return self.get_state(metrics)

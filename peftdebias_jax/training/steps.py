@@ -139,3 +139,64 @@ def hf_eval_loss(batch_metrics: Sequence[dict]) -> float:
             weighted += float(m["loss_sum"]) / float(m["count"]) * float(m["examples"])
             examples += float(m["examples"])
     return weighted / examples if examples else float("nan")
+
+
+def make_classification_train_step(
+    module,
+    tx: optax.GradientTransformation,
+    label_tree,
+    class_weights: jax.Array,
+    axis_name: str | None = None,
+):
+    """The downstream step: class-weighted cross-entropy, normalised like torch's weighted
+    mean: sum_i w_{y_i} ce_i / sum_i w_{y_i} over the (global) batch."""
+
+    def loss_fn(params, batch, dropout_rng, total_weight):
+        logits = module.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=False,
+            rngs={"dropout": dropout_rng},
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["label"]
+        )
+        weights = class_weights[batch["label"]] * batch["weight"]
+        return jnp.sum(ce * weights) / total_weight
+
+    grad_fn = masks.value_and_grad(loss_fn, label_tree)
+
+    def step(state: TrainState, batch):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name:
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+        weights = class_weights[batch["label"]] * batch["weight"]
+        total = jnp.maximum(psum(jnp.sum(weights), axis_name), 1e-12)
+        loss, grads = grad_fn(state.params, batch, dropout_rng, total)
+        loss, grads = psum(loss, axis_name), psum(grads, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(masks.split(grads, label_tree)[0]),
+            "params_finite": all_finite(masks.split(params, label_tree)[0]),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_predict_step(module):
+    """Label logits of a batch (no dropout); used for validation and test predictions."""
+
+    def step(state: TrainState, batch):
+        return module.apply(
+            {"params": state.params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+        ).astype(jnp.float32)
+
+    return step

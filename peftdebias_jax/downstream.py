@@ -1,0 +1,270 @@
+"""The downstream phase: encoder + frozen patch(es) + classifier, fine-tuned on a task.
+
+downstream = encoder + loaded patches (frozen) -> task data -> fit(classification step)
+-> best checkpoint by the task's metric -> predictions and extrinsic metrics. FT (no
+patch), Full-Debias (a dense CDA-trained base as `model.name`) and transfer (a patch from
+another dataset in `downstream.patches`) are configurations of this one phase.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from peftdebias_jax import checkpoint, masks, models
+from peftdebias_jax import evaluation as ev
+from peftdebias_jax.data import pipeline, synthetic, tasks
+from peftdebias_jax.data.records import DataError
+from peftdebias_jax.data.tokenizer import train_wordpiece
+from peftdebias_jax.training import parallel, steps
+from peftdebias_jax.training.loop import FitSettings, Selection, fit
+from peftdebias_jax.training.state import TrainState, adamw
+
+log = logging.getLogger(__name__)
+LAYER_NORM_RULES = [(r".*/LayerNorm/.*", "freeze"), (r".*/layer_norm/.*", "freeze")]
+
+
+def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[str, Any]:
+    """train / validation / test examples and extra evaluation sets, all validated now."""
+    dn = config.downstream
+    if dn.train_file == "synthetic":
+        size = dn.synthetic_size
+        train = synthetic.labelled(task.name, size, config.seed)
+        splits = {
+            "validation": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 1),
+            "test": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 2),
+        }
+        labels = tasks.label_set(task, train)
+        if task.labels is None or task.name == "bias_bios":
+            labels = tuple(sorted({e.label for e in train + splits["validation"]}))
+    else:
+        train = tasks.load_split(task, dn.train_file)
+        labels = tasks.label_set(task, train)
+        splits = {}
+        if dn.validation_file:
+            splits["validation"] = tasks.load_split(task, dn.validation_file, labels)
+        else:
+            order = np.random.default_rng(config.seed).permutation(len(train))
+            held = set(order[: max(1, round(len(train) * dn.validation_fraction))].tolist())
+            splits["validation"] = [e for i, e in enumerate(train) if i in held]
+            train = [e for i, e in enumerate(train) if i not in held]
+        if dn.test_file:
+            splits["test"] = tasks.load_split(task, dn.test_file, labels)
+    extra = {}
+    for entry in dn.extra_evals:
+        name, _, path = entry.partition("=")
+        extra_task = tasks.get(name)
+        extra[name] = (extra_task, tasks.load_split(extra_task, path, labels))
+    if dn.bias_nli_occupations:
+        probes = tasks.bias_nli_probes(
+            tasks.read_word_file(dn.bias_nli_occupations),
+            tasks.read_word_file(dn.bias_nli_gendered_words),
+        )
+        extra["bias_nli"] = (tasks.get("bias_nli"), probes)
+    for name, examples in [("train", train), *splits.items()]:
+        if not examples:
+            raise DataError(f"config.downstream: the {name} split of {task.name} is empty")
+    return {"train": train, "labels": labels, **splits, "extra": extra}
+
+
+def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
+    """downstream.patches; empty = this workdir's upstream patch when the run has one."""
+    if config.downstream.patches:
+        return [Path(p) for p in config.downstream.patches]
+    has_patch = config.patch.method != "none" and "upstream" in config.phases
+    return [workdir / "patch"] if has_patch else []
+
+
+def encode(tokenizer, examples, labels, max_len) -> tuple[list, list, list[int]]:
+    index = {name: i for i, name in enumerate(labels)}
+    ids, types = pipeline.encode_pairs(
+        tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_len
+    )
+    return ids, types, [index.get(e.label, 0) for e in examples]
+
+
+def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[str, Any]:
+    """Task metrics (x100) and the task's extrinsic bias metrics."""
+    gold = [e.label for e in examples]
+    pred = [labels[i] for i in predicted]
+    out: dict[str, Any] = {
+        "examples": len(examples),
+        "accuracy": 100 * ev.accuracy(gold, pred),
+        "macro_f1": 100 * ev.macro_f1(gold, pred),
+    }
+    if task.name == "bias_bios":
+        gap = ev.tpr_gap(gold, pred, [e.group for e in examples])
+        out.update(tpr_gap=gap.rms, tpr_gaps=gap.gaps, tpr_gap_skipped=gap.skipped)
+    if task.positive is not None:
+        negative = next(label for label in labels if label != task.positive)
+        texts = [e.text for e in examples]
+        for variant in ("reference", "dixon"):
+            try:
+                result = ev.fprd(gold, pred, texts, variant=variant, negative=negative,
+                                 positive=task.positive)  # fmt: skip
+            except ValueError as err:
+                out[f"fprd_{variant}_error"] = str(err)
+                continue
+            out[f"fprd_{variant}"] = result.value
+            out[f"fpr_{variant}_per_term"] = result.per_term
+    if task.name == "bias_nli":
+        out["fn"] = ev.fraction_neutral(pred)
+    groups = [e.group for e in examples]
+    if task.group_name == "dialect" and len(labels) == 2 and None not in groups:
+        positive = labels[1]
+        out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
+        out["equalized_odds"] = ev.equalized_odds_difference(gold, pred, groups, positive)
+    return out
+
+
+def tokenizer_for(config, workdir: Path, texts: list[str]):
+    if config.model.init != "random":
+        return models.load_tokenizer(config.model.name)
+    directory = workdir / "tokenizer"
+    if not directory.exists():
+        train_wordpiece(texts, config.model.tokenizer_vocab_size).save_pretrained(directory)
+    return models.load_tokenizer(directory)
+
+
+def build(config, workdir: Path, tokenizer, num_labels: int):
+    """The classifier with the configured patches loaded (checked against the base)."""
+    from peftdebias_jax.phases import build_model, random_architecture
+
+    if config.model.init == "random":
+        arch = random_architecture(config, tokenizer)
+        module, params = models.from_config(arch, "classifier", num_labels, seed=config.seed)
+    else:
+        module, params = build_model(config, head="classifier", num_labels=num_labels)
+    for directory in patch_dirs(config, workdir):
+        module, params = checkpoint.load_patch(directory, module, params)
+    return module, params
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
+    dn = config.downstream
+    done = workdir / "downstream.done.json"
+    if done.exists():
+        log.info("downstream already finished (%s); delete it to run again", done)
+        return json.loads(done.read_text())
+    parallel.initialize_distributed(config.parallel.distributed)
+    task = tasks.get(dn.task)
+    data = load_task_data(config, task)
+    labels = data["labels"]
+    tokenizer = tokenizer_for(config, workdir, [e.text for e in data["train"]])
+    module, params = build(config, workdir, tokenizer, len(labels))
+    rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
+    rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
+    label_tree = masks.labels(params, [*rules, (".*", "train")])
+    print(masks.summary(params, label_tree))
+
+    pad = tokenizer.pad_token_id
+    train_ids, train_types, train_y = encode(tokenizer, data["train"], labels, dn.max_len)
+    batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
+                               train_types, train_y)  # fmt: skip
+    steps_per_epoch = len(batches.training_epoch(0))
+    num_steps = dn.num_steps or dn.epochs * steps_per_epoch
+    tx = masks.optimizer(adamw(dn.learning_rate, num_steps, dn.clip_norm), label_tree)
+    state = TrainState.create(params, tx, config.seed)
+    weights = [task.class_weights.get(name, 1.0) if dn.class_weights else 1.0 for name in labels]
+    runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")
+    train_step = runner.compile(
+        steps.make_classification_train_step(
+            module, tx, label_tree, jnp.asarray(weights, jnp.float32), runner.axis_name
+        ),
+        "downstream train step",
+    )
+    predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
+
+    def predict(device_state, examples) -> np.ndarray:
+        ids, types, ys = encode(tokenizer, examples, labels, dn.max_len)
+        eval_batches = pipeline.Batches(ids, dn.batch_size, dn.max_len, pad, 0, types, ys)
+        predicted = np.zeros(len(examples), np.int32)
+        for spec in eval_batches.evaluation():
+            batch = eval_batches.materialize(spec, runner.local_rows())
+            logits = runner.gather_rows(predict_step(device_state, runner.put_batch(batch)))
+            rows = np.asarray(spec.rows)[: spec.real]
+            predicted[rows] = np.argmax(logits[: spec.real], axis=-1)
+        return predicted
+
+    def evaluate(device_state) -> dict[str, float]:
+        scores = report(task, labels, data["validation"], predict(device_state, data["validation"]))
+        return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
+
+    best_dir = workdir / "checkpoints" / "downstream_best"
+
+    def on_best(host_state: TrainState, step: int, results: dict) -> None:
+        checkpoint.save_tree(best_dir, masks.split(host_state.params, label_tree)[0])
+        log.info("downstream: new best %s at step %d", results, step)
+
+    metric = "eval_accuracy" if task.selection == "accuracy" else "eval_macro_f1"
+    settings = FitSettings(
+        num_steps=num_steps,
+        eval_every=dn.eval_every,
+        log_every=dn.log_every,
+        checkpoint_every=dn.checkpoint_every,
+        name="downstream",
+    )
+    final, selection = fit(
+        state=state,
+        label_tree=label_tree,
+        runner=runner,
+        train_step=train_step,
+        batches=batches,
+        settings=settings,
+        checkpoint_dir=workdir / "checkpoints" / "downstream",
+        metrics_path=workdir / "metrics.jsonl",
+        evaluate=evaluate,
+        selection=Selection(metric, "max"),
+        on_best=on_best,
+    )
+    best = final
+    if best_dir.exists():
+        trainable = checkpoint.load_tree(best_dir)
+        best = final.replace(
+            params=masks.merge(trainable, masks.split(final.params, label_tree)[1])
+        )
+    device_state = runner.put_state(best)
+    results: dict[str, Any] = {"task": task.name, "labels": list(labels),
+                               "selection": selection.to_record(), "steps": num_steps}  # fmt: skip
+    evaluations = {"validation": (task, data["validation"])}
+    if "test" in data:
+        evaluations["test"] = (task, data["test"])
+    evaluations.update(data["extra"])
+    (workdir / "predictions").mkdir(exist_ok=True)
+    for name, (split_task, examples) in evaluations.items():
+        predicted = predict(device_state, examples)
+        results[name] = report(split_task, labels, examples, predicted)
+        write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
+    done.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (workdir / "downstream_results.json").write_text(json.dumps(results, indent=2, default=str))
+    print_results(results)
+    return results
+
+
+def write_predictions(path: Path, examples, labels, predicted: np.ndarray) -> None:
+    with path.open("w") as f:
+        for i, (example, p) in enumerate(zip(examples, predicted, strict=True)):
+            f.write(json.dumps({
+                "index": i, "id": example.id, "text": example.text,
+                "text_pair": example.text_pair, "gold": example.label,
+                "predicted": labels[int(p)], "group": example.group,
+            }) + "\n")  # fmt: skip
+
+
+def print_results(results: dict[str, Any]) -> None:
+    keys = ("accuracy", "macro_f1", "tpr_gap", "fprd_reference", "fprd_dixon", "fn")
+    print(f"{'split':<12}" + "".join(f"{k:>16}" for k in keys))
+    for name, scores in results.items():
+        if isinstance(scores, dict) and "accuracy" in scores:
+            row = "".join(
+                f"{scores[k]:>16.3f}" if isinstance(scores.get(k), float) else f"{'-':>16}"
+                for k in keys
+            )
+            print(f"{name:<12}{row}")

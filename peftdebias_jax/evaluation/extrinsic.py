@@ -1,0 +1,250 @@
+"""Extrinsic (task) fairness metrics, each with its formula. Inputs are plain sequences.
+
+A class or term that cannot be measured (no example of one group, no negative example)
+is skipped and listed in the result's `skipped`, never divided by zero.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+# The reference code's 54 identity terms for FPRD (METHOD.md §6.2).
+GROUP_BIAS_WORDS = (
+    "jewish",
+    "christian",
+    "muslim",
+    "sikh",
+    "buddhist",
+    "hindu",
+    "atheist",
+    "torah",
+    "bible",
+    "quran",
+    "gita",
+    "synagogue",
+    "church",
+    "mosque",
+    "temple",
+    "monastery",
+    "judaism",
+    "christianity",
+    "islam",
+    "sikhism",
+    "buddhism",
+    "hinduism",
+    "atheism",
+    "allah",
+    "god",
+    "christ",
+    "caucasian",
+    "asian",
+    "indian",
+    "mexican",
+    "american",
+    "african",
+    "european",
+    "chinese",
+    "hispanic",
+    "black",
+    "white",
+    "brown",
+    "africa",
+    "america",
+    "asia",
+    "europe",
+    "mexico",
+    "india",
+    "china",
+    "gay",
+    "lesbian",
+    "straight",
+    "homosexual",
+    "asexual",
+    "transgender",
+    "trans",
+    "queer",
+    "bisexual",
+)
+
+
+def _check_lengths(*arrays: Sequence) -> int:
+    lengths = {len(a) for a in arrays}
+    if len(lengths) != 1:
+        raise ValueError(f"inputs have different lengths: {sorted(lengths)}")
+    (n,) = lengths
+    if n == 0:
+        raise ValueError("no examples to score")
+    return n
+
+
+def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+    """ACC = (1/N) sum_i 1[y_i = yhat_i]."""
+    n = _check_lengths(y_true, y_pred)
+    return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / n
+
+
+def macro_f1(y_true: Sequence, y_pred: Sequence) -> float:
+    """Macro-F1 as sklearn's f1_score(average="macro"): the mean over every class seen in
+    y_true or y_pred of F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c) (0 when undefined)."""
+    _check_lengths(y_true, y_pred)
+    scores = []
+    for c in sorted(set(y_true) | set(y_pred), key=str):
+        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred, strict=True))
+        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred, strict=True))
+        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores)
+
+
+@dataclass
+class TprGap:
+    """TPR-GAP = 100 * sqrt((1/|P|) sum_p Gap_p^2), Gap_p = TPR_{p,g0} - TPR_{p,g1}."""
+
+    rms: float
+    gaps: dict[Hashable, float]
+    skipped: list[Hashable] = field(default_factory=list)
+
+
+def tpr_gap(
+    y_true: Sequence,
+    y_pred: Sequence,
+    groups: Sequence,
+    pair: tuple[Hashable, Hashable] = ("m", "f"),
+) -> TprGap:
+    """Root-mean-square TPR gap between the two groups over the classes (METHOD.md §6.1):
+
+        TPR_{p,g} = |{i: y_i = p, g_i = g, yhat_i = p}| / |{i: y_i = p, g_i = g}|
+        Gap_p = TPR_{p,pair[0]} - TPR_{p,pair[1]}
+        TPR-GAP = 100 * sqrt(mean_p Gap_p^2)
+
+    Classes without an example of both groups are skipped and listed."""
+    _check_lengths(y_true, y_pred, groups)
+    gaps, skipped = {}, []
+    for c in sorted(set(y_true), key=str):
+        rates = []
+        for g in pair:
+            idx = [
+                i
+                for i, (t, gr) in enumerate(zip(y_true, groups, strict=True))
+                if t == c and gr == g
+            ]
+            rates.append(sum(y_pred[i] == c for i in idx) / len(idx) if idx else None)
+        if None in rates:
+            skipped.append(c)
+        else:
+            gaps[c] = rates[0] - rates[1]
+    if not gaps:
+        raise ValueError(f"no class has examples of both groups {pair}")
+    rms = 100.0 * math.sqrt(sum(g * g for g in gaps.values()) / len(gaps))
+    return TprGap(rms, gaps, skipped)
+
+
+@dataclass
+class Fprd:
+    """False-positive-rate difference: sum over terms of |F_term - F|."""
+
+    value: float
+    overall: float
+    per_term: dict[str, float]
+    counts: dict[str, int]
+    skipped: list[str] = field(default_factory=list)
+
+
+def fprd(
+    y_true: Sequence,
+    y_pred: Sequence,
+    texts: Sequence[str],
+    terms: Sequence[str] = GROUP_BIAS_WORDS,
+    variant: str = "reference",
+    negative: Hashable = 0,
+    positive: Hashable = 1,
+) -> Fprd:
+    """FPRD in two variants (METHOD.md §6.2).
+
+    variant="reference" (the reference code, reported by the paper):
+        f_i = 1[y_i = negative and yhat_i = positive]
+        F = (1/|D|) sum_i f_i over ALL examples;  D_t = {i: t is a substring of text_i}
+        (case-sensitive, no word boundaries);  F_t = mean of f_i over D_t
+        FPRD = sum over terms with |D_t| > 0 of |F_t - F|
+    variant="dixon" (Dixon et al. 2018, FPED):
+        FPR = FP / (FP + TN) over the negative examples;  D_t = negatives whose lower-cased
+        text contains t as a whole word;  FPRD = sum_t |FPR_t - FPR|
+    Terms with no example (no negative example for "dixon") are skipped and listed.
+    """
+    _check_lengths(y_true, y_pred, texts)
+    if variant not in ("reference", "dixon"):
+        raise ValueError(f"variant must be 'reference' or 'dixon', got {variant!r}")
+    flags = [t == negative and p == positive for t, p in zip(y_true, y_pred, strict=True)]
+    if variant == "reference":
+        pool = list(range(len(flags)))
+
+        def contains(text: str, term: str) -> bool:
+            return term in text
+
+    else:
+        pool = [i for i, t in enumerate(y_true) if t == negative]
+
+        def contains(text: str, term: str) -> bool:
+            return re.search(rf"\b{re.escape(term.lower())}\b", text.lower()) is not None
+
+    if not pool:
+        raise ValueError("no negative example: the false-positive rate is undefined")
+    overall = sum(flags[i] for i in pool) / len(pool)
+    per_term, counts, skipped = {}, {}, []
+    for term in terms:
+        members = [i for i in pool if contains(texts[i], term)]
+        if not members:
+            skipped.append(term)
+            continue
+        per_term[term] = sum(flags[i] for i in members) / len(members)
+        counts[term] = len(members)
+    value = sum(abs(rate - overall) for rate in per_term.values())
+    return Fprd(value, overall, per_term, counts, skipped)
+
+
+def fraction_neutral(y_pred: Sequence, neutral: Hashable = "neutral") -> float:
+    """FN (Dev et al. 2020) = (1/M) sum_j 1[yhat_j = neutral] over the Bias-NLI probes."""
+    n = _check_lengths(y_pred)
+    return sum(p == neutral for p in y_pred) / n
+
+
+def demographic_parity_difference(
+    y_pred: Sequence, groups: Sequence, positive: Hashable = 1
+) -> float:
+    """DP = max_g P(yhat = positive | g) - min_g P(yhat = positive | g)."""
+    _check_lengths(y_pred, groups)
+    rates = []
+    for g in sorted(set(groups), key=str):
+        idx = [i for i, gr in enumerate(groups) if gr == g]
+        rates.append(sum(y_pred[i] == positive for i in idx) / len(idx))
+    return max(rates) - min(rates)
+
+
+def equalized_odds_difference(
+    y_true: Sequence, y_pred: Sequence, groups: Sequence, positive: Hashable = 1
+) -> float:
+    """EO = max(max_g TPR_g - min_g TPR_g, max_g FPR_g - min_g FPR_g) (as fairlearn), with
+    TPR_g = P(yhat = positive | y = positive, g), FPR_g = P(yhat = positive | y != positive, g);
+    groups lacking positives (or negatives) are left out of that rate's spread."""
+    _check_lengths(y_true, y_pred, groups)
+    tprs, fprs = [], []
+    for g in sorted(set(groups), key=str):
+        pos = [
+            i
+            for i, (t, gr) in enumerate(zip(y_true, groups, strict=True))
+            if gr == g and t == positive
+        ]
+        neg = [
+            i
+            for i, (t, gr) in enumerate(zip(y_true, groups, strict=True))
+            if gr == g and t != positive
+        ]
+        if pos:
+            tprs.append(sum(y_pred[i] == positive for i in pos) / len(pos))
+        if neg:
+            fprs.append(sum(y_pred[i] == positive for i in neg) / len(neg))
+    spreads = [max(r) - min(r) for r in (tprs, fprs) if len(r) > 1]
+    return max(spreads) if spreads else 0.0

@@ -1,0 +1,99 @@
+"""The downstream phase: upstream patch -> frozen in fine-tuning -> predictions and metrics."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from config_fixtures import load_config
+from flax import traverse_util
+
+from peftdebias_jax import downstream, masks, phases
+from peftdebias_jax.data.records import DataError
+from peftdebias_jax.training import loop
+
+
+def tiny(name, **downstream_settings):
+    config = load_config(name, "smoke")
+    config.upstream.num_steps = 3
+    config.downstream.update(downstream_settings)
+    return config
+
+
+def spy_on_fit(monkeypatch):
+    captured = {}
+    real = loop.fit
+
+    def spy(**kwargs):
+        captured["start"] = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
+        captured["labels"] = traverse_util.flatten_dict(kwargs["label_tree"])
+        final, selection = real(**kwargs)
+        captured["final"] = traverse_util.flatten_dict(jax.device_get(final.params))
+        return final, selection
+
+    monkeypatch.setattr(downstream, "fit", spy)
+    return captured
+
+
+def test_upstream_patch_stays_frozen_downstream(tmp_path, monkeypatch):
+    config = tiny("gender_adapter", num_steps=8, learning_rate=1e-3, synthetic_size=64)
+    phases.upstream(config, tmp_path)
+    captured = spy_on_fit(monkeypatch)
+    results = phases.downstream(config, tmp_path)
+
+    start, final, labels = captured["start"], captured["final"], captured["labels"]
+    patch_paths = [p for p in start if masks.patch_name(p) == "debias"]
+    assert patch_paths
+    for path in patch_paths:
+        np.testing.assert_array_equal(final[path], start[path])
+        assert labels[path] == "freeze"
+    for path in start:
+        if "LayerNorm" in path:  # frozen as in the reference code
+            np.testing.assert_array_equal(final[path], start[path])
+    moved = [p for p in start if labels[p] == "train" and not np.array_equal(final[p], start[p])]
+    assert ("classifier", "kernel") in moved and len(moved) > 10
+
+    for split in ("validation", "test"):
+        scores = results[split]
+        assert 0 <= scores["accuracy"] <= 100 and "tpr_gap" in scores and "tpr_gaps" in scores
+        rows = [json.loads(x) for x in (tmp_path / "predictions" / f"{split}.jsonl").open()]
+        assert rows and set(rows[0]) >= {"index", "id", "text", "gold", "predicted", "group"}
+        assert {r["predicted"] for r in rows} <= set(results["labels"])
+    assert json.loads((tmp_path / "downstream.done.json").read_text())["task"] == "bias_bios"
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert any(m.get("phase") == "downstream" and "eval_accuracy" in m for m in metrics)
+
+
+def test_ft_baseline_has_no_patch_and_fprd_for_hate(tmp_path, monkeypatch):
+    captured = spy_on_fit(monkeypatch)
+    results = phases.downstream(tiny("race_ft", num_steps=4), tmp_path)
+    assert not any(masks.patch_name(p) for p in captured["start"])
+    for key in ("fprd_reference", "fprd_dixon", "fpr_reference_per_term", "macro_f1"):
+        assert key in results["validation"], key
+
+
+def test_transfer_a_patch_to_another_dataset(tmp_path):
+    source = tiny("race_lora")
+    phases.upstream(source, tmp_path / "ghc")
+    target = tiny("race_ft", task="stormfront", num_steps=3)
+    target.downstream.patches = (str(tmp_path / "ghc" / "patch"),)
+    target.model.init = "random"
+    (tmp_path / "stormfront").mkdir()
+    # the transferred patch was trained on the source run's base: same tokenizer and weights
+    (tmp_path / "stormfront" / "tokenizer").symlink_to(tmp_path / "ghc" / "tokenizer")
+    results = phases.downstream(target, tmp_path / "stormfront")
+    assert results["task"] == "stormfront" and "fprd_reference" in results["test"]
+
+
+def test_bad_data_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(downstream, "fit", lambda **_: pytest.fail("training started"))
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(
+        '{"text": "a", "p": "nurse", "g": "f"}\n{"text": "b", "p": "astronaut", "g": "m"}\n'
+    )
+    config = tiny("gender_ft", train_file=str(bad))
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: label 'astronaut'"):
+        phases.downstream(config, tmp_path)
+    config = tiny("gender_ft", extra_evals=(f"iptts={tmp_path / 'nope.csv'}",))
+    with pytest.raises(DataError, match=r"nope\.csv: data file not found"):
+        phases.downstream(config, tmp_path)
