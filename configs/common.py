@@ -113,6 +113,8 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.log_every = 50
     config.upstream.checkpoint_every = 1_000
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
+    config.upstream.dense = False  # True: no patch, the whole encoder trains (Full-Debias)
+    config.upstream.l1 = 0.0  # L1 pull towards the pre-trained weights (0.1 for dense/SFT)
 
     config.downstream = ml_collections.ConfigDict()
     config.downstream.task = AXIS_TASK[axis]
@@ -140,6 +142,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.freeze_layernorm = True
     # patch directories to load, frozen; () = this run's upstream patch, when it has one
     config.downstream.patches = ()
+    config.downstream.base_model = ""  # a dense CDA-trained base directory (Full-Debias)
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"

@@ -123,7 +123,20 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
     return out
 
 
+def base_model_dir(config, workdir: Path) -> Path | None:
+    """A dense CDA-trained base (Full-Debias): downstream.base_model, or this run's
+    upstream `dense_model/` when its upstream is dense."""
+    if config.downstream.base_model:
+        return Path(config.downstream.base_model)
+    if config.upstream.dense and "upstream" in config.phases:
+        return workdir / "dense_model"
+    return None
+
+
 def tokenizer_for(config, workdir: Path, texts: list[str]):
+    base = base_model_dir(config, workdir)
+    if base is not None:
+        return models.load_tokenizer(base)
     if config.model.init != "random":
         return models.load_tokenizer(config.model.name)
     directory = workdir / "tokenizer"
@@ -136,7 +149,12 @@ def build(config, workdir: Path, tokenizer, num_labels: int):
     """The classifier with the configured patches loaded (checked against the base)."""
     from peftdebias_jax.phases import build_model, random_architecture
 
-    if config.model.init == "random":
+    base = base_model_dir(config, workdir)
+    if base is not None:
+        module, params = models.from_pretrained(
+            base, "classifier", num_labels, dtype=config.model.dtype, seed=config.seed
+        )
+    elif config.model.init == "random":
         arch = random_architecture(config, tokenizer)
         module, params = models.from_config(arch, "classifier", num_labels, seed=config.seed)
     else:

@@ -131,6 +131,27 @@ def head_rules(module: models.EncoderModel) -> list[tuple[str, str]]:
     return [(r"cls/predictions/transform/.*", "train"), (r"cls/predictions/bias", "train")]
 
 
+DENSE_RULES = [
+    (r".*/LayerNorm/.*", "freeze"),
+    (r".*/layer_norm/.*", "freeze"),
+    (r"(cls/predictions|lm_head)/decoder/kernel", "freeze"),
+    (r".*", "train"),
+]
+
+
+def untie_decoder(module: models.EncoderModel, params: dict) -> tuple[models.EncoderModel, dict]:
+    """The MLM model with its decoder an untied copy of the word embeddings (to be frozen
+    while the embeddings train), as the reference's dense CDA training does."""
+    if not module.config.tie_word_embeddings:
+        return module, params
+    untied = module.clone(config=module.config.replace(tie_word_embeddings=False))
+    params = jax.tree_util.tree_map(lambda x: x, params)  # a new dict tree
+    table = params[module.config.base_name]["embeddings"]["word_embeddings"]["embedding"]
+    head = params["lm_head"] if "lm_head" in params else params["cls"]["predictions"]
+    head["decoder"] = {"kernel": np.array(table).T.copy(), "bias": head.pop("bias")}
+    return untied, params
+
+
 def upstream_rules(config, module: models.EncoderModel, patch_name: str) -> list[tuple[str, str]]:
     rules = [(masks.patch_regex(patch_name), "train")]
     if config.upstream.train_mlm_head:
@@ -140,17 +161,28 @@ def upstream_rules(config, module: models.EncoderModel, patch_name: str) -> list
 
 def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Learns a debias patch with CDA + masked-LM; writes `patch/` (best eval loss) and
-    `patch_final/` (last step) to the workdir and returns the best patch's directory."""
+    `patch_final/` (last step) to the workdir and returns the best patch's directory.
+
+    With `upstream.dense` there is no patch: every weight but the LayerNorms and an untied,
+    frozen decoder trains (the Full-Debias baseline, METHOD.md §3.7), pulled towards its
+    pre-trained value by `upstream.l1`; the best model is written to `dense_model/` in the
+    Hugging Face layout, for the downstream phase to start from."""
     up = config.upstream
     done = workdir / "upstream.done.json"
-    if done.exists() and (workdir / "patch").exists():
+    product = workdir / ("dense_model" if up.dense else "patch")
+    if done.exists() and product.exists():
         log.info("upstream already finished (%s); delete it to run again", done)
-        return workdir / "patch"
+        return product
     parallel.initialize_distributed(config.parallel.distributed)
     spec = patch_spec(config)
-    if not spec:
-        raise ConfigError("config.patch.method is 'none': the upstream phase needs a patch")
-    (patch_name,) = spec
+    if up.dense and spec:
+        raise ConfigError("config.upstream.dense trains the whole encoder: set patch.method 'none'")
+    if not spec and not up.dense:
+        raise ConfigError(
+            "config.patch.method is 'none': the upstream phase needs a patch "
+            "(or config.upstream.dense=True for dense CDA training)"
+        )
+    patch_name = next(iter(spec), None)
     augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
     train_texts, eval_texts = upstream_texts(config)
     tokenizer = tokenizer_for(config, workdir, train_texts)
@@ -163,10 +195,15 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         )
     else:
         module, params = build_model(config, head="mlm", patches=spec)
-    label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
+    if up.dense:
+        module, params = untie_decoder(module, params)
+        label_tree = masks.labels(params, DENSE_RULES)
+    else:
+        label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
     print(masks.summary(params, label_tree))
     tx = masks.optimizer(adamw(up.learning_rate, up.num_steps, up.clip_norm), label_tree)
-    state = TrainState.create(params, tx, config.seed)
+    anchor = masks.split(params, label_tree)[0] if up.l1 else None
+    state = TrainState.create(params, tx, config.seed, anchor)
 
     runner = parallel.Runner(config.parallel.mode, up.batch_size, "config.upstream.batch_size")
     masking = steps.MaskingConfig(
@@ -176,7 +213,9 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         rate=up.mlm_probability,
     )
     train_step = runner.compile(
-        steps.make_mlm_train_step(module, tx, label_tree, masking, runner.axis_name),
+        steps.make_mlm_train_step(
+            module, tx, label_tree, masking, runner.axis_name, up.l1, count_params(params)
+        ),
         "upstream train step",
     )
     eval_step = runner.compile(
@@ -198,6 +237,10 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     base_name = config.model.name if config.model.init != "random" else None
 
     def save(directory: Path, state: TrainState, step: int, results: dict) -> None:
+        if up.dense:
+            if directory.name == "patch":  # the best dense model is the product
+                models.save_pretrained(workdir / "dense_model", module, state.params, tokenizer)
+            return
         checkpoint.save_patch(
             directory,
             state.params,
@@ -229,12 +272,12 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         on_best=lambda s, step, results: save(workdir / "patch", s, step, results),
     )
     save(workdir / "patch_final", final, int(final.step), {})
-    if not (workdir / "patch").exists():
+    if not product.exists():
         save(workdir / "patch", final, int(final.step), {})
-    summary = {"steps": int(final.step), "best": selection.to_record()}
+    summary = {"steps": int(final.step), "best": selection.to_record(), "product": str(product)}
     done.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("upstream done: best eval loss %s at step %s", selection.best, selection.best_step)
-    return workdir / "patch"
+    return product
 
 
 def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict:

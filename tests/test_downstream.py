@@ -97,3 +97,54 @@ def test_bad_data_fails_before_training(tmp_path, monkeypatch):
     config = tiny("gender_ft", extra_evals=(f"iptts={tmp_path / 'nope.csv'}",))
     with pytest.raises(DataError, match=r"nope\.csv: data file not found"):
         phases.downstream(config, tmp_path)
+
+
+def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    config = tiny("gender_full_debias", num_steps=3)
+    config.upstream.update(num_steps=4, learning_rate=1e-2)
+    captured = {}
+    real = phases.fit
+
+    def spy(**kwargs):
+        captured["start"] = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
+        final, selection = real(**kwargs)
+        captured["final"] = traverse_util.flatten_dict(jax.device_get(final.params))
+        return final, selection
+
+    monkeypatch.setattr(phases, "fit", spy)
+    dense_dir = phases.upstream(config, tmp_path)
+    assert dense_dir == tmp_path / "dense_model"
+    start, final = captured["start"], captured["final"]
+    for path in start:
+        frozen = "LayerNorm" in path or path[-2:] == ("decoder", "kernel")
+        changed = not np.array_equal(final[path], start[path])
+        assert changed == (not frozen), path
+    # the exported base loads in transformers and computes what our model computes
+    reference = transformers.BertForMaskedLM.from_pretrained(dense_dir).eval()
+    module, params = phases.models.from_pretrained(dense_dir, head="mlm")
+    ids = np.array([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(
+        np.asarray(module.apply({"params": params}, ids)), expected, atol=1e-4
+    )
+
+    results = phases.downstream(config, tmp_path)
+    assert "tpr_gap" in results["test"]
+
+
+def test_l1_penalty_by_hand():
+    import jax.numpy as jnp
+
+    from peftdebias_jax.training import steps
+
+    trainable = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+    anchor = {"a": jnp.array([0.0, 0.0]), "b": jnp.array([[1.0]])}
+    value = steps.l1_penalty(trainable, anchor, 0.1, total_params=10)
+    assert float(value) == pytest.approx(0.1 * (1 + 2 + 0.5) / 10)
+    grads = jax.grad(steps.l1_penalty)(trainable, anchor, 0.1, 10)
+    np.testing.assert_allclose(grads["a"], [0.01, -0.01])
+    np.testing.assert_allclose(grads["b"], [[-0.01]])

@@ -7,6 +7,7 @@ from peftdebias_jax.models.pretrained import (
     from_pretrained,
     load_tokenizer,
     resolve_checkpoint_dir,
+    save_pretrained,
 )
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.models.weights import hf_key, to_state_dict
@@ -23,5 +24,6 @@ __all__ = [
     "init_params",
     "load_tokenizer",
     "resolve_checkpoint_dir",
+    "save_pretrained",
     "to_state_dict",
 ]

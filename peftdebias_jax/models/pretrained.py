@@ -217,3 +217,62 @@ def check_tokenizer(tokenizer, directory: Path) -> None:
             f"{directory}: the tokenizer maps vocabulary words such as {words[:3]} to "
             f"{tokenizer.unk_token!r}; its vocabulary did not load"
         )
+
+
+TWIN_CLASSES = {
+    ("bert", "mlm"): "BertForMaskedLM",
+    ("bert", "classifier"): "BertForSequenceClassification",
+    ("bert", "none"): "BertModel",
+    ("roberta", "mlm"): "RobertaForMaskedLM",
+    ("roberta", "classifier"): "RobertaForSequenceClassification",
+    ("roberta", "none"): "RobertaModel",
+}
+
+
+def save_pretrained(
+    directory: str | os.PathLike, module: EncoderModel, params: dict, tokenizer=None
+) -> Path:
+    """Writes config.json + model.safetensors (+ the tokenizer) in the Hugging Face layout,
+    loadable by transformers and by `from_pretrained`; patch leaves are not written. The
+    directory is replaced only once the new copy is complete."""
+    import shutil
+    import uuid
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from peftdebias_jax.models.weights import to_state_dict
+
+    directory = Path(directory).absolute()
+    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        scopes = [f".{p.scope}." for p in module.patches]
+        state = {
+            key: np.asarray(value, np.float32)
+            for key, value in to_state_dict(jax.device_get(params)).items()
+            if not any(scope in key for scope in scopes)
+        }
+        for head in ("cls.predictions", "lm_head"):  # an untied decoder's bias, under both names
+            if f"{head}.decoder.bias" in state and f"{head}.bias" not in state:
+                state[f"{head}.bias"] = state[f"{head}.decoder.bias"]
+        save_file(state, staging / "model.safetensors")
+        config = module.config.to_hf_dict()
+        config["architectures"] = [TWIN_CLASSES[(module.config.model_type, module.head)]]
+        if module.head == "classifier":
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_labels)}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            directory.rename(old)
+            staging.rename(directory)
+            shutil.rmtree(old)
+        else:
+            staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory

@@ -19,14 +19,18 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    anchor: Any = None  # the trainable leaves' starting values, for an L1 pull towards them
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    def create(
+        cls, params: Any, tx: optax.GradientTransformation, seed: int, anchor: Any = None
+    ) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.PRNGKey(seed),
+            anchor=anchor,
         )
 
 

@@ -53,14 +53,26 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)).astype(jnp.float32)
 
 
+def l1_penalty(trainable, anchor, coefficient: float, total_params: int) -> jax.Array:
+    """The sparse fine-tuning regulariser: coefficient * sum |theta - theta_0| / N_all, with
+    N_all every parameter of the model, frozen ones included (METHOD.md §3.6)."""
+    diffs = jax.tree_util.tree_map(lambda p, a: jnp.sum(jnp.abs(p - a)), trainable, anchor)
+    return coefficient * sum(jax.tree_util.tree_leaves(diffs)) / total_params
+
+
 def make_mlm_train_step(
     module,
     tx: optax.GradientTransformation,
     label_tree,
     masking: MaskingConfig,
     axis_name: str | None = None,
+    l1: float = 0.0,
+    total_params: int = 1,
 ):
-    """The upstream step: dynamic masking, masked-LM loss, gradients of trainable leaves."""
+    """The upstream step: dynamic masking, masked-LM loss, gradients of trainable leaves;
+    with `l1` > 0 also the L1 pull of the trainable leaves towards `state.anchor`, whose
+    gradient is added after the (cross-device) masked-LM gradient, as the reference adds
+    it in a separate backward pass."""
 
     def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count):
         return (
@@ -90,6 +102,12 @@ def make_mlm_train_step(
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
         loss, grads = grad_fn(state.params, inputs, ids, attention, selected, dropout_rng, count)
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
+        if l1:
+            current, frozen = masks.split(state.params, label_tree)
+            penalty, pull = jax.value_and_grad(l1_penalty)(current, state.anchor, l1, total_params)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, frozen)
+            grads = jax.tree_util.tree_map(jnp.add, grads, masks.merge(pull, zeros))
+            loss = loss + penalty
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         trainable, _ = masks.split(grads, label_tree)
