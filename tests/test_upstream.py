@@ -108,8 +108,8 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = steps.make_mlm_train_step
 
-    def poisoned(module, tx, label_tree, masking, axis_name=None):
-        step = real(module, tx, label_tree, masking, axis_name)
+    def poisoned(module, tx, label_tree, masking, *args):
+        step = real(module, tx, label_tree, masking, *args)
 
         def run(state, batch):
             state, metrics = step(state, batch)
