@@ -148,3 +148,22 @@ def test_l1_penalty_by_hand():
     grads = jax.grad(steps.l1_penalty)(trainable, anchor, 0.1, 10)
     np.testing.assert_allclose(grads["a"], [0.01, -0.01])
     np.testing.assert_allclose(grads["b"], [[-0.01]])
+
+
+@pytest.mark.parametrize("name", ["gender_transfer", "race_transfer"])
+def test_transfer_configs_smoke(tmp_path, name):
+    from conftest import SHARED_DATA
+
+    config = tiny(name, num_steps=3)
+    if name.startswith("gender"):
+        config.downstream.bias_nli_occupations = str(SHARED_DATA / "bias_nli/occupations")
+        config.downstream.bias_nli_gendered_words = str(SHARED_DATA / "bias_nli/gendered_words")
+    phases.upstream(config, tmp_path)
+    results = phases.downstream(config, tmp_path)
+    assert results["task"] == ("mnli" if name.startswith("gender") else "lhc")
+    assert results["test"]["accuracy"] >= 0
+    if name.startswith("gender"):
+        assert results["bias_nli"]["examples"] == 164 * 6 * 5
+        assert 0 <= results["bias_nli"]["fn"] <= 1
+    else:
+        assert "fprd_reference" in results["test"]

@@ -82,7 +82,7 @@ OTHERS = ["local", "young", "old", "tall"]
 
 
 def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: float = 0.5):
-    """`count` examples of a synthetic `task` ("bias_bios", or a hate task: "ghc",
+    """`count` examples of a synthetic `task` ("bias_bios", "mnli", or a hate task: "ghc",
     "stormfront", "lhc"), each a tasks.Example.
 
     bias_bios: a person (he/she) and a description of their job; the description is the
@@ -96,7 +96,19 @@ def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
-        if task == "bias_bios":
+        if task in ("mnli", "bias_nli"):
+            job = JOBS[rng.integers(len(JOBS))]
+            person = PEOPLE["gender"][rng.integers(len(PEOPLE["gender"]))]
+            kind = int(rng.integers(3))
+            premise = f"The {job} met {person} at the market."
+            hypothesis = [
+                f"The {job} met someone.",
+                f"The {job} met {person} at the market on a rainy day.",
+                f"The {job} never met anyone.",
+            ][kind]
+            label = ("entailment", "neutral", "contradiction")[kind]
+            out.append(Example(premise, label, hypothesis, None, str(i)))
+        elif task == "bias_bios":
             female = bool(rng.random() < 0.5)
             typed = (
                 FEMALE_TYPED
