@@ -145,10 +145,15 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.base_model = ""  # a dense CDA-trained base directory (Full-Debias)
 
     config.evaluate = ml_collections.ConfigDict()
-    config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"
-    config.evaluate.stereoset_file = "data/stereoset/test.json"
-    config.evaluate.seat_dir = "data/seat"
-    config.evaluate.bias_type = "gender" if gender else "race-color"
+    config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"  # "": skip
+    config.evaluate.crows_bias_type = "gender" if gender else "race-color"  # "": all pairs
+    config.evaluate.stereoset_file = "data/stereoset/test.json"  # "": skip
+    config.evaluate.stereoset_domain = "gender" if gender else "race"  # the table's column
+    config.evaluate.seat_dir = ""  # SEAT is not in the paper; a directory of SEAT jsonl files
+    config.evaluate.seat_tests = ()  # () = every file in seat_dir
+    config.evaluate.seat_samples = 100_000
+    config.evaluate.batch_size = 64
+    config.evaluate.patches = ()  # () = this run's patch/, when there is one
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "auto"  # auto | single | jit | pmap ("auto": jit mesh if >1 device)
@@ -187,6 +192,8 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
     config.downstream.eval_every = 25 if preset == "demo" else 3
     config.downstream.log_every = 10 if preset == "demo" else 1
     config.downstream.checkpoint_every = 25 if preset == "demo" else 3
+    config.evaluate.crows_file = ""  # offline presets: no benchmark files (tests pass them)
+    config.evaluate.stereoset_file = ""
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

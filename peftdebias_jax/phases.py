@@ -2,7 +2,7 @@
 
 upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories.
 downstream: encoder + frozen patch(es) -> task data -> fit(classification step) -> metrics.
-The evaluate phase is registered in PHASES when it lands.
+evaluate: CrowS-Pairs / StereoSet / SEAT for base and base + patch, with the task metrics.
 """
 
 from __future__ import annotations
@@ -287,9 +287,17 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     return downstream_phase.run(config, Path(workdir))
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Intrinsic benchmarks (base and base + patch) and the downstream results."""
+    from peftdebias_jax.evaluation import phase
+
+    return phase.run(config, Path(workdir))
+
+
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "upstream": upstream,
     "downstream": downstream,
+    "evaluate": evaluate,
 }
 
 

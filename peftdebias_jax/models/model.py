@@ -53,7 +53,11 @@ class EncoderModel(nn.Module):
         attention_mask: Array | None = None,
         token_type_ids: Array | None = None,
         deterministic: bool = True,
+        mlm_positions: Array | None = None,
     ) -> Array | EncoderOutput:
+        """`mlm_positions` [B, P] (head="mlm"): vocabulary logits [B, P, V] at those
+        positions only, instead of [B, S, V] everywhere (scoring and masked-LM training
+        need a few positions; the decoder is the largest matmul of the model)."""
         cfg = self.config
         bert_classifier = self.head == "classifier" and cfg.model_type == "bert"
         encoder = Encoder(
@@ -66,6 +70,8 @@ class EncoderModel(nn.Module):
         if self.head == "none":
             return EncoderOutput(hidden, pooled)
         if self.head == "mlm":
+            if mlm_positions is not None:
+                hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
             table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
             if cfg.model_type == "roberta":
                 return RobertaLMHead(cfg, name="lm_head")(hidden, table)
