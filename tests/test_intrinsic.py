@@ -69,13 +69,19 @@ def test_all_crows_pairs_and_bias_type_filter(tiny_mlm):
     assert result.evaluated + result.skipped == 262 and 0 <= result.score <= 100
 
 
-def test_identical_pair_is_neutral_and_a_preferring_model_always_wins(tmp_path):
-    vocab = [*BERT_VOCAB, "bad"]  # BERT_VOCAB already holds "good"
+def two_word_model(tmp_path):
+    """A tiny MLM over BERT_VOCAB + "bad" (BERT_VOCAB already holds "good")."""
+    vocab = [*BERT_VOCAB, "bad"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = models.load_tokenizer(tmp_path)
     config = models.EncoderConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=8)  # fmt: skip
     module, params = models.from_config(config, head="mlm")
+    return vocab, tokenizer, module, params
+
+
+def test_identical_pair_is_neutral_and_a_preferring_model_always_wins(tmp_path):
+    vocab, tokenizer, module, params = two_word_model(tmp_path)
     good = tokenizer.convert_tokens_to_ids("good")
     assert tokenizer("she said good")["input_ids"][-2] == good
     bias = np.zeros(len(vocab), np.float32)
@@ -224,12 +230,7 @@ def test_evaluate_phase_checks_files_first(tmp_path):
 def test_indistinguishable_tokens_make_a_neutral_pair(tmp_path):
     """Identical sentences have no modified token, so bias-bench skips them; sentences whose
     differing tokens the model cannot tell apart (same embedding and bias) tie: neutral."""
-    vocab = [*BERT_VOCAB, "bad"]  # BERT_VOCAB already holds "good"
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = models.load_tokenizer(tmp_path)
-    config = models.EncoderConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=8)  # fmt: skip
-    module, params = models.from_config(config, head="mlm")
+    _, tokenizer, module, params = two_word_model(tmp_path)
     table = np.array(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
     good, bad = tokenizer.convert_tokens_to_ids(["good", "bad"])
     assert good != bad

@@ -1,12 +1,12 @@
 """run.py resolves a config, prints it, writes it to the workdir and builds the model."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from config_fixtures import load_config as load_named
 
 from peftdebias_jax import phases
 
@@ -15,14 +15,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*_*.py") if not p.stem.star
 
 
 def load_config(path: Path, preset: str | None):
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(preset)
-    finally:
-        sys.path.remove(str(ROOT))
+    return load_named(path.stem, preset)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
