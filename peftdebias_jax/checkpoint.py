@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from flax import traverse_util
 
 from peftdebias_jax import masks
 from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.files import read_json, staged_directory
 from peftdebias_jax.models.model import EncoderModel, abstract_params
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.peft.config import PatchConfig
@@ -116,40 +115,25 @@ def save_patch(
         "leaves": {"/".join(p): list(np.shape(v)) for p, v in sorted(flat.items())},
         "training": training or {},
     }
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), leaves)
+    with staged_directory(directory) as staging:
+        staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / WEIGHTS, host)
+            checkpointer.save(staging / WEIGHTS, to_host(leaves))
         (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        replace_directory(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return directory
 
 
-def replace_directory(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an existing `target` is removed only after the move worked."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
+def to_host(tree: Any) -> Any:
+    """The tree as host numpy arrays (what Orbax and safetensors write)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 def read_patch_info(directory: str | Path) -> dict[str, Any]:
     """patch.json, validated."""
     path = Path(directory) / PATCH_JSON
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; is {directory} a patch directory?") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    info = read_json(
+        path, f"patch description (is {directory} a patch directory?)", CheckpointError
+    )
     for key in ("format_version", "name", "patch", "base_model", "leaves"):
         if key not in info:
             raise CheckpointError(f"{path}: field {key!r} is missing")
@@ -273,11 +257,10 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
-        host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(host), record=ocp.args.JsonSave(record)
+                state=ocp.args.StandardSave(to_host(tree)), record=ocp.args.JsonSave(record)
             ),
             force=True,
         )
@@ -306,15 +289,8 @@ class TrainCheckpoints:
 def save_tree(directory: str | Path, tree: Any) -> Path:
     """A pytree saved with Orbax, replacing `directory` only once the new copy is written."""
     directory = Path(directory).absolute()
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging, host)
-        replace_directory(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    with staged_directory(directory) as staging, ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(staging, to_host(tree))
     return directory
 
 

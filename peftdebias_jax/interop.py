@@ -24,8 +24,10 @@ from safetensors.numpy import save_file
 from peftdebias_jax import masks
 from peftdebias_jax.checkpoint import config_of, find_patch, insert_leaves, with_patch
 from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.files import read_json
 from peftdebias_jax.models.checkpoint_files import read_safetensors
 from peftdebias_jax.models.model import EncoderModel, abstract_params
+from peftdebias_jax.models.pretrained import TWIN_CLASSES
 from peftdebias_jax.models.weights import hf_key
 from peftdebias_jax.peft.config import PatchConfig
 
@@ -114,7 +116,7 @@ def import_peft_lora(
     """Reads an HF peft LoRA directory into patch `name` of (module, params)."""
     directory = Path(directory)
     config_path = directory / PEFT_CONFIG
-    raw = read_json(config_path)
+    raw = read_json(config_path, "peft adapter config", CheckpointError)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type is {raw.get('peft_type')!r}, not 'LORA'")
     unsupported = {
@@ -293,7 +295,7 @@ def import_adapters(
 ) -> tuple[EncoderModel, dict]:
     """Reads an `adapters` directory (seq_bn, double_seq_bn, prefix_tuning, lora)."""
     directory = Path(directory)
-    meta = read_json(directory / ADAPTERS_CONFIG)
+    meta = read_json(directory / ADAPTERS_CONFIG, "adapters config", CheckpointError)
     saved_name = meta.get("name")
     name = name or saved_name
     config = patch_config_from_adapters(meta.get("config", {}), directory / ADAPTERS_CONFIG)
@@ -380,21 +382,11 @@ def patch_config_from_adapters(raw: dict[str, Any], source: Path) -> PatchConfig
 
 
 def twin_class(module: EncoderModel) -> str:
-    family = {"bert": "Bert", "roberta": "Roberta"}[module.config.model_type]
-    suffix = {"mlm": "ForMaskedLM", "classifier": "ForSequenceClassification", "none": "Model"}
-    return family + suffix[module.head]
+    """The transformers class whose weights and outputs the module matches."""
+    return TWIN_CLASSES[(module.config.model_type, module.head)]
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
 
 
 def read_weights(path: Path, directory: Path) -> dict[str, np.ndarray]:

@@ -26,13 +26,13 @@ copies). Two modes:
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.files import read_json
 
 MODES = ("reference", "fixed")
 PUNCTUATION = (".", ",", "?", "!", ";", ":")
@@ -43,12 +43,7 @@ WordLists = Mapping[str, Sequence[Sequence[str]]]
 def load_word_lists(path: str | Path) -> dict[str, list[list[str]]]:
     """A `bias_attribute_words.json` file: {key: [[word, word, ...], ...]}, validated."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: CDA word-list file not found") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    raw = read_json(path, "CDA word-list file", ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of word lists")
     for key, tuples in raw.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import difflib
 import itertools
-import json
 import math
 import string
 from collections import defaultdict
@@ -27,6 +26,7 @@ import numpy as np
 
 from peftdebias_jax.data.pipeline import bucket_lengths
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.files import read_json
 
 
 class MaskedScorer:
@@ -199,12 +199,7 @@ def load_stereoset(path: str | Path) -> list[StereoItem]:
     """Intrasentence items from the official schema (`data.intrasentence[].sentences[]`
     with `gold_label`) or the per-bias-type schema (`data: {stereotype: {sentence}}`)."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: StereoSet file not found") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    raw = read_json(path, "StereoSet file", DataError)
     entries = raw["data"]["intrasentence"] if isinstance(raw, dict) else raw
     items = []
     for i, entry in enumerate(entries):
@@ -294,17 +289,15 @@ class SeatTest:
 
 def load_seat(path: str | Path) -> SeatTest:
     path = Path(path)
+    raw = read_json(path, "SEAT test", DataError)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
         return SeatTest(
             path.stem.removesuffix(".jsonl"),
             (raw["targ1"]["examples"], raw["targ2"]["examples"]),
             (raw["attr1"]["examples"], raw["attr2"]["examples"]),
         )
-    except FileNotFoundError:
-        raise DataError(f"{path}: SEAT test not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a SEAT test ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a SEAT test (missing {err})") from None
 
 
 def sentence_embeddings(module, params, tokenizer, sentences: Sequence[str]) -> np.ndarray:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.files import read_json
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 SUPPORTED_ACTIVATIONS = (
@@ -127,15 +127,12 @@ class EncoderConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> EncoderConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-            ) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(raw, source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A config.json as a dict; errors name the file (and line)."""
+    raw = read_json(path, "file", ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw

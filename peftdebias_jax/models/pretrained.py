@@ -13,8 +13,9 @@ from typing import Any
 import jax
 
 from peftdebias_jax.errors import CheckpointError, ConfigError
+from peftdebias_jax.files import staged_directory
 from peftdebias_jax.models.checkpoint_files import find_weights, read_weights
-from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.config import EncoderConfig, read_config_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params, init_params
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.models.weights import fill_params, leaf_paths
@@ -70,9 +71,9 @@ def resolve_checkpoint_dir(path_or_name: str | os.PathLike) -> Path:
 
 def read_config(directory: Path, dtype: str = "float32") -> tuple[EncoderConfig, dict[str, Any]]:
     """EncoderConfig from `directory/config.json`, plus the raw JSON (for labels etc.)."""
-    config = EncoderConfig.from_json_file(directory / "config.json")
-    raw = json.loads((directory / "config.json").read_text())
-    return config.replace(dtype=dtype), raw
+    path = directory / "config.json"
+    raw = read_config_json(path)
+    return EncoderConfig.from_hf_dict(raw, source=str(path)).replace(dtype=dtype), raw
 
 
 PatchSpec = Mapping[str, Any] | Sequence[Patch]
@@ -235,18 +236,13 @@ def save_pretrained(
     """Writes config.json + model.safetensors (+ the tokenizer) in the Hugging Face layout,
     loadable by transformers and by `from_pretrained`; patch leaves are not written. The
     directory is replaced only once the new copy is complete."""
-    import shutil
-    import uuid
-
     import numpy as np
     from safetensors.numpy import save_file
 
     from peftdebias_jax.models.weights import to_state_dict
 
-    directory = Path(directory).absolute()
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(directory) as staging:
+        staging.mkdir()
         scopes = [f".{p.scope}." for p in module.patches]
         state = {
             key: np.asarray(value, np.float32)
@@ -265,14 +261,4 @@ def save_pretrained(
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old)
-        else:
-            staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
+    return Path(directory).absolute()
