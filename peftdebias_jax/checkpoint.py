@@ -228,6 +228,15 @@ def load_patch(
     return module, insert_leaves(module, params, leaves, directory)
 
 
+def load_patches(
+    directories: list[Path], module: EncoderModel, params: dict
+) -> tuple[EncoderModel, dict]:
+    """`load_patch` for each directory in turn (a stack, in order)."""
+    for directory in directories:
+        module, params = load_patch(directory, module, params)
+    return module, params
+
+
 def rename_patch(leaves: dict, old: str, new: str) -> dict:
     """Moves leaves from scopes `<kind>_<old>` to `<kind>_<new>`."""
     flat = traverse_util.flatten_dict(leaves)

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from peftdebias_jax import checkpoint, masks, models
+from peftdebias_jax import checkpoint, masks, phases
 from peftdebias_jax import evaluation as ev
 from peftdebias_jax.data import pipeline, synthetic, tasks
 from peftdebias_jax.data.records import DataError
-from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState, adamw
@@ -133,37 +132,6 @@ def base_model_dir(config, workdir: Path) -> Path | None:
     return None
 
 
-def tokenizer_for(config, workdir: Path, texts: list[str]):
-    base = base_model_dir(config, workdir)
-    if base is not None:
-        return models.load_tokenizer(base)
-    if config.model.init != "random":
-        return models.load_tokenizer(config.model.name)
-    directory = workdir / "tokenizer"
-    if not directory.exists():
-        train_wordpiece(texts, config.model.tokenizer_vocab_size).save_pretrained(directory)
-    return models.load_tokenizer(directory)
-
-
-def build(config, workdir: Path, tokenizer, num_labels: int):
-    """The classifier with the configured patches loaded (checked against the base)."""
-    from peftdebias_jax.phases import build_model, random_architecture
-
-    base = base_model_dir(config, workdir)
-    if base is not None:
-        module, params = models.from_pretrained(
-            base, "classifier", num_labels, dtype=config.model.dtype, seed=config.seed
-        )
-    elif config.model.init == "random":
-        arch = random_architecture(config, tokenizer)
-        module, params = models.from_config(arch, "classifier", num_labels, seed=config.seed)
-    else:
-        module, params = build_model(config, head="classifier", num_labels=num_labels)
-    for directory in patch_dirs(config, workdir):
-        module, params = checkpoint.load_patch(directory, module, params)
-    return module, params
-
-
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
     dn = config.downstream
@@ -175,8 +143,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     task = tasks.get(dn.task)
     data = load_task_data(config, task)
     labels = data["labels"]
-    tokenizer = tokenizer_for(config, workdir, [e.text for e in data["train"]])
-    module, params = build(config, workdir, tokenizer, len(labels))
+    base = base_model_dir(config, workdir)
+    texts = [e.text for e in data["train"]]
+    tokenizer = phases.tokenizer_for(config, workdir, texts, base=base)
+    module, params = phases.build_model(
+        config, "classifier", len(labels), tokenizer=tokenizer, base=base
+    )
+    module, params = checkpoint.load_patches(patch_dirs(config, workdir), module, params)
     rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
     rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
     label_tree = masks.labels(params, [*rules, (".*", "train")])
@@ -200,19 +173,23 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     )
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
 
-    def predict(device_state, examples) -> np.ndarray:
+    def prepare(examples) -> pipeline.Batches:
         ids, types, ys = encode(tokenizer, examples, labels, dn.max_len)
-        eval_batches = pipeline.Batches(ids, dn.batch_size, dn.max_len, pad, 0, types, ys)
-        predicted = np.zeros(len(examples), np.int32)
-        for spec in eval_batches.evaluation():
-            batch = eval_batches.materialize(spec, runner.local_rows())
+        return pipeline.Batches(ids, dn.batch_size, dn.max_len, pad, 0, types, ys)
+
+    def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
+        predicted = np.zeros(len(prepared.sequences), np.int32)
+        for spec in prepared.evaluation():
+            batch = prepared.materialize(spec, runner.local_rows())
             logits = runner.gather_rows(predict_step(device_state, runner.put_batch(batch)))
             rows = np.asarray(spec.rows)[: spec.real]
             predicted[rows] = np.argmax(logits[: spec.real], axis=-1)
         return predicted
 
+    validation = prepare(data["validation"])  # tokenized once, scored at every evaluation
+
     def evaluate(device_state) -> dict[str, float]:
-        scores = report(task, labels, data["validation"], predict(device_state, data["validation"]))
+        scores = report(task, labels, data["validation"], predict(device_state, validation))
         return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
 
     best_dir = workdir / "checkpoints" / "downstream_best"
@@ -257,7 +234,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     evaluations.update(data["extra"])
     (workdir / "predictions").mkdir(exist_ok=True)
     for name, (split_task, examples) in evaluations.items():
-        predicted = predict(device_state, examples)
+        prepared = validation if name == "validation" else prepare(examples)
+        predicted = predict(device_state, prepared)
         results[name] = report(split_task, labels, examples, predicted)
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
     done.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -40,11 +40,18 @@ def build_model(
     head: str = "mlm",
     num_labels: int | None = None,
     patches=(),
+    tokenizer=None,
+    base: Path | None = None,
 ) -> tuple[models.EncoderModel, dict]:
-    """The configured encoder: a pretrained checkpoint, or random weights (model.init)."""
+    """The configured encoder: a pretrained checkpoint, or random weights (model.init) with
+    the tokenizer's vocabulary; `base` (a dense Full-Debias checkpoint) replaces both."""
     spec = config.model
+    if base is not None:
+        return models.from_pretrained(
+            base, head, num_labels, patches, dtype=spec.dtype, seed=config.seed
+        )
     if spec.init == "random":
-        arch = models.EncoderConfig(**spec.architecture.to_dict(), dtype=spec.dtype)
+        arch = random_architecture(config, tokenizer)
         return models.from_config(arch, head, num_labels, patches, seed=config.seed)
     if spec.init != "pretrained":
         raise ValueError(f"config.model.init must be 'pretrained' or 'random', got {spec.init!r}")
@@ -69,23 +76,34 @@ def patch_spec(config: ml_collections.ConfigDict) -> dict[str, peft.PatchConfig]
         raise ConfigError(f"config.patch: {err}") from None
 
 
-def tokenizer_for(config: ml_collections.ConfigDict, workdir: Path, texts: list[str]):
-    """The checkpoint's tokenizer, or for random-init models one trained on the corpus
-    (saved in the workdir, so a resumed run and later phases reuse it)."""
+def tokenizer_for(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    texts: list[str] | None = None,
+    extra_words: tuple[str, ...] | list[str] = (),
+    base: Path | None = None,
+):
+    """The tokenizer of `base` or of the configured checkpoint; for random-init models the
+    workdir's, built from `texts` (and `extra_words`) on first use and saved there, so a
+    resumed run and the later phases reuse it."""
+    if base is not None:
+        return models.load_tokenizer(base)
     if config.model.init != "random":
         return models.load_tokenizer(config.model.name)
     directory = workdir / "tokenizer"
-    if directory.exists():
-        return models.load_tokenizer(directory)
-    words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
-    tokenizer = train_wordpiece(texts, config.model.tokenizer_vocab_size, extra_words=words)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    if not directory.exists():
+        if texts is None:
+            raise ConfigError(f"{workdir}: no tokenizer; run the upstream phase first")
+        vocab_size = config.model.tokenizer_vocab_size
+        train_wordpiece(texts, vocab_size, extra_words).save_pretrained(directory)
+    return models.load_tokenizer(directory)
 
 
-def random_architecture(config: ml_collections.ConfigDict, tokenizer) -> models.EncoderConfig:
+def random_architecture(config: ml_collections.ConfigDict, tokenizer=None) -> models.EncoderConfig:
+    """config.model.architecture, with the tokenizer's vocabulary size and pad id if given."""
     arch = config.model.architecture.to_dict()
-    arch.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is not None:
+        arch.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     return models.EncoderConfig(**arch, dtype=config.model.dtype)
 
 
@@ -185,16 +203,12 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     patch_name = next(iter(spec), None)
     augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
     train_texts, eval_texts = upstream_texts(config)
-    tokenizer = tokenizer_for(config, workdir, train_texts)
+    words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
+    tokenizer = tokenizer_for(config, workdir, train_texts, extra_words=words)
     train_seqs = cda_sequences(config, tokenizer, train_texts, augmenter)
     eval_seqs = cda_sequences(config, tokenizer, eval_texts, augmenter)
 
-    if config.model.init == "random":
-        module, params = models.from_config(
-            random_architecture(config, tokenizer), "mlm", patches=spec, seed=config.seed
-        )
-    else:
-        module, params = build_model(config, head="mlm", patches=spec)
+    module, params = build_model(config, head="mlm", patches=spec, tokenizer=tokenizer)
     if up.dense:
         module, params = untie_decoder(module, params)
         label_tree = masks.labels(params, DENSE_RULES)
@@ -236,10 +250,10 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 
     base_name = config.model.name if config.model.init != "random" else None
 
-    def save(directory: Path, state: TrainState, step: int, results: dict) -> None:
+    def export(directory: Path, state: TrainState, step: int, results: dict) -> None:
+        """The dense model (Hugging Face layout) or the patch directory."""
         if up.dense:
-            if directory.name == "patch":  # the best dense model is the product
-                models.save_pretrained(workdir / "dense_model", module, state.params, tokenizer)
+            models.save_pretrained(directory, module, state.params, tokenizer)
             return
         checkpoint.save_patch(
             directory,
@@ -269,11 +283,12 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         metrics_path=workdir / "metrics.jsonl",
         evaluate=evaluate,
         selection=Selection("eval_loss", "min"),
-        on_best=lambda s, step, results: save(workdir / "patch", s, step, results),
+        on_best=lambda s, step, results: export(product, s, step, results),
     )
-    save(workdir / "patch_final", final, int(final.step), {})
+    if not up.dense:
+        export(workdir / "patch_final", final, int(final.step), {})
     if not product.exists():
-        save(workdir / "patch", final, int(final.step), {})
+        export(product, final, int(final.step), {})
     summary = {"steps": int(final.step), "best": selection.to_record(), "product": str(product)}
     done.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("upstream done: best eval loss %s at step %s", selection.best, selection.best_step)
@@ -302,25 +317,16 @@ PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Prints the resolved config, writes it to the workdir, builds the model, runs phases."""
+    """Prints the resolved config, writes it to the workdir, runs the configured phases
+    (each builds its model and prints its parameter summary)."""
+    unknown = [p for p in config.phases if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict()
     print("resolved config:\n" + json.dumps(resolved, indent=2, default=str))
     (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    module, params = build_model(config, head="mlm")
-    cfg = module.config
-    print(
-        f"model: {config.model.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers, "
-        f"hidden {cfg.hidden_size}, {cfg.dtype}) || all params: {count_params(params):,}"
-    )
-    pending = [p for p in config.phases if p not in PHASES]
     for name in config.phases:
-        if name in PHASES:
-            PHASES[name](config, workdir)
-    if pending:
-        print(
-            f"phases not available in this version: {', '.join(pending)} "
-            "(the README's status list says what is implemented)"
-        )
+        PHASES[name](config, workdir)
     print(f"workdir: {workdir}")

@@ -9,6 +9,7 @@ import pytest
 from config_fixtures import load_config as load_named
 
 from peftdebias_jax import phases
+from peftdebias_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*_*.py") if not p.stem.startswith("_"))
@@ -91,3 +92,11 @@ def test_run_py_rejects_config_typo(tmp_path):
     assert result.returncode != 0
     assert "lrr" in result.stderr
     assert not (tmp_path / "config.json").exists()
+
+
+def test_unknown_phase_is_an_error_before_anything_runs(tmp_path):
+    config = load_config(ROOT / "configs" / "race_adapter.py", "smoke")
+    config.phases = ("upstrem",)
+    with pytest.raises(ConfigError, match=r"config\.phases: unknown \['upstrem'\]"):
+        phases.run(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

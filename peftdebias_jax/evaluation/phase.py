@@ -15,9 +15,8 @@ from typing import Any
 
 import ml_collections
 
-from peftdebias_jax import checkpoint, models
+from peftdebias_jax import checkpoint
 from peftdebias_jax.data.records import DataError
-from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation import intrinsic
 
 log = logging.getLogger(__name__)
@@ -43,30 +42,21 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]:
     """The tokenizer and {name: (module, params)} of the MLM models to score."""
-    from peftdebias_jax.phases import build_model, random_architecture
+    from peftdebias_jax.phases import build_model, tokenizer_for
 
     dense = workdir / "dense_model"
     if config.upstream.dense and dense.exists():
-        tokenizer = models.load_tokenizer(dense)
-        return tokenizer, {"full_debias": models.from_pretrained(dense, head="mlm")}
-    if config.model.init == "random":
-        if not (workdir / "tokenizer").exists():
-            raise ConfigError(f"{workdir}: no tokenizer; run the upstream phase first")
-        tokenizer = models.load_tokenizer(workdir / "tokenizer")
-        base = models.from_config(random_architecture(config, tokenizer), "mlm", seed=config.seed)
-    else:
-        tokenizer = models.load_tokenizer(config.model.name)
-        base = build_model(config, head="mlm")
+        tokenizer = tokenizer_for(config, workdir, base=dense)
+        return tokenizer, {"full_debias": build_model(config, "mlm", base=dense)}
+    tokenizer = tokenizer_for(config, workdir)
+    base = build_model(config, "mlm", tokenizer=tokenizer)
     variants = {"base": base}
     patches = [Path(p) for p in config.evaluate.patches] or (
         [workdir / "patch"] if (workdir / "patch").exists() else []
     )
     if patches:
-        module, params = base
-        names = []
-        for directory in patches:
-            module, params = checkpoint.load_patch(directory, module, params)
-            names.append(module.patches[-1].name)
+        module, params = checkpoint.load_patches(patches, *base)
+        names = [p.name for p in module.patches]
         variants["base+" + "+".join(names)] = (module, params)
     return tokenizer, variants
 
