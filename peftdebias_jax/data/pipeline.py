@@ -125,28 +125,27 @@ class Batches:
     def materialize(self, spec: BatchSpec, rows: slice = slice(None)) -> Batch:
         """The arrays of one batch (optionally only this process's `rows` of it)."""
         positions = np.arange(self.batch_size)[rows]
+        rows_of = np.asarray([spec.rows[p] for p in positions], np.int32)
         ids = np.full((len(positions), spec.length), self.pad_id, np.int32)
-        for out, position in enumerate(positions):
-            seq = self.sequences[spec.rows[position]]
-            ids[out, : len(seq)] = seq
         mask = np.zeros_like(ids)
-        for out, position in enumerate(positions):
-            mask[out, : len(self.sequences[spec.rows[position]])] = 1
+        types = np.zeros_like(ids) if self.token_types is not None else None
+        for out, row in enumerate(rows_of):
+            seq = self.sequences[row]
+            ids[out, : len(seq)] = seq
+            mask[out, : len(seq)] = 1
+            if types is not None:
+                types[out, : len(seq)] = self.token_types[row]
         extra = {}
-        if self.token_types is not None:
-            types = np.zeros_like(ids)
-            for out, position in enumerate(positions):
-                row = self.token_types[spec.rows[position]]
-                types[out, : len(row)] = row
+        if types is not None:
             extra["token_type_ids"] = types
         if self.labels is not None:
-            extra["label"] = self.labels[[spec.rows[p] for p in positions]]
+            extra["label"] = self.labels[rows_of]
         return {
             **extra,
             "input_ids": ids,
             "attention_mask": mask,
             "index": positions.astype(np.int32),
-            "row": np.asarray([spec.rows[p] for p in positions], np.int32),
+            "row": rows_of,
             "weight": (positions < spec.real).astype(np.float32),
         }
 

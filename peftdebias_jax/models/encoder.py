@@ -20,21 +20,34 @@ from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 Array = jax.Array
 
 
+def _exact_gelu(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _tanh_gelu(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' ACT2FN semantics ("gelu" is the exact erf GELU); adapters use the same names.
+ACTIVATIONS = {
+    "gelu": _exact_gelu,
+    "gelu_new": _tanh_gelu,
+    "gelu_fast": _tanh_gelu,
+    "gelu_pytorch_tanh": _tanh_gelu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
 def activation(name: str):
-    """The activation `name` with transformers' ACT2FN semantics ("gelu" is the exact erf GELU)."""
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "relu":
-        return jax.nn.relu
-    if name in ("silu", "swish"):
-        return jax.nn.silu
-    if name == "tanh":
-        return jnp.tanh
-    raise ValueError(f"unknown activation {name!r}")
+    """The activation called `name` (see ACTIVATIONS)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    return ACTIVATIONS[name]
 
 
 def compute_dtype(config: EncoderConfig):

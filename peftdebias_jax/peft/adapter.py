@@ -15,20 +15,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 from peftdebias_jax.peft.init import torch_linear_kernel
-
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "swish": jax.nn.silu,
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
 
 
 class Bottleneck(nn.Module):

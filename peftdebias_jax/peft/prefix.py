@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.seams import Patch
-from peftdebias_jax.peft.adapter import ACTIVATIONS
 from peftdebias_jax.peft.init import torch_linear_bias, torch_linear_kernel
 
 

@@ -29,6 +29,20 @@ class MaskingConfig:
     vocab_size: int
     rate: float = 0.15
 
+    def mask(self, rng, batch, row_seeds) -> tuple[jax.Array, jax.Array]:
+        """(masked inputs, selected positions) of a batch; filler rows select nothing."""
+        inputs, selected = mlm.mask_tokens(
+            rng,
+            batch["input_ids"],
+            batch["attention_mask"],
+            row_seeds,
+            special_ids=self.special_ids,
+            mask_id=self.mask_id,
+            vocab_size=self.vocab_size,
+            rate=self.rate,
+        )
+        return inputs, selected & (batch["weight"][:, None] > 0)
+
 
 def psum(x, axis_name: str | None):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -88,17 +102,7 @@ def make_mlm_train_step(
         if axis_name:
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
         ids, attention = batch["input_ids"], batch["attention_mask"]
-        inputs, selected = mlm.mask_tokens(
-            mask_rng,
-            ids,
-            attention,
-            batch["index"],
-            special_ids=masking.special_ids,
-            mask_id=masking.mask_id,
-            vocab_size=masking.vocab_size,
-            rate=masking.rate,
-        )
-        selected = selected & (batch["weight"][:, None] > 0)
+        inputs, selected = masking.mask(mask_rng, batch, batch["index"])
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
         loss, grads = grad_fn(state.params, inputs, ids, attention, selected, dropout_rng, count)
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
@@ -128,17 +132,7 @@ def make_mlm_eval_step(module, masking: MaskingConfig, axis_name: str | None = N
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, EVAL_STREAM), 0)
         ids, attention = batch["input_ids"], batch["attention_mask"]
-        inputs, selected = mlm.mask_tokens(
-            rng,
-            ids,
-            attention,
-            batch["row"],
-            special_ids=masking.special_ids,
-            mask_id=masking.mask_id,
-            vocab_size=masking.vocab_size,
-            rate=masking.rate,
-        )
-        selected = selected & (batch["weight"][:, None] > 0)
+        inputs, selected = masking.mask(rng, batch, batch["row"])
         total = mlm_loss_sum(module, state.params, inputs, ids, attention, selected, None)
         return {
             "loss_sum": psum(total, axis_name),
