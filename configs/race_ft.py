@@ -10,5 +10,5 @@ from configs import common
 
 def get_config(preset=None):
     config = common.make("race", "none", preset)
-    config.phases = ("downstream", "evaluate")
+    config.phases = ("downstream", "evaluate", "report")
     return config

@@ -16,8 +16,9 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from peftdebias_jax import checkpoint, masks, phases
+from peftdebias_jax import checkpoint, masks, phases, sft
 from peftdebias_jax import evaluation as ev
 from peftdebias_jax.data import pipeline, synthetic, tasks
 from peftdebias_jax.data.records import DataError
@@ -33,11 +34,11 @@ def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[
     """train / validation / test examples and extra evaluation sets, all validated now."""
     dn = config.downstream
     if dn.train_file == "synthetic":
-        size = dn.synthetic_size
-        train = synthetic.labelled(task.name, size, config.seed)
-        splits = {
-            "validation": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 1),
-            "test": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 2),
+        size, bias = dn.synthetic_size, dn.synthetic_bias
+        train = synthetic.labelled(task.name, size, config.seed, bias)
+        splits = {  # a test split as large as train: the per-group rates need the examples
+            "validation": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 1, bias),
+            "test": synthetic.labelled(task.name, size, config.seed + 2, bias),
         }
         labels = tasks.label_set(task, train)
         if task.labels is None or task.name == "bias_bios":
@@ -122,6 +123,21 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
     return out
 
 
+def load_all_patches(directories: list[Path], module, params) -> tuple[Any, dict, dict]:
+    """(module, params, {leaf path: bool entries to freeze}): module patches are added as
+    modules (frozen by the mask rules); sparse SFT patches are added to the weights and
+    their changed entries returned, to be frozen entry by entry."""
+    sparse = [d for d in directories if sft.is_sft_patch(d)]
+    module, params = checkpoint.load_patches([d for d in directories if d not in sparse],
+                                             module, params)  # fmt: skip
+    frozen: dict = {}
+    for directory in sparse:
+        params, changed = sft.load_sft_patch(directory, module, params)
+        for path, entries in changed.items():
+            frozen[path] = frozen[path] | entries if path in frozen else entries
+    return module, params, frozen
+
+
 def base_model_dir(config, workdir: Path) -> Path | None:
     """A dense CDA-trained base (Full-Debias): downstream.base_model, or this run's
     upstream `dense_model/` when its upstream is dense."""
@@ -149,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     module, params = phases.build_model(
         config, "classifier", len(labels), tokenizer=tokenizer, base=base
     )
-    module, params = checkpoint.load_patches(patch_dirs(config, workdir), module, params)
+    module, params, frozen_entries = load_all_patches(patch_dirs(config, workdir), module, params)
     rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
     rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
     label_tree = masks.labels(params, [*rules, (".*", "train")])
@@ -162,6 +178,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
     tx = masks.optimizer(adamw(dn.learning_rate, num_steps, dn.clip_norm), label_tree)
+    if frozen_entries:  # a sparse (SFT) patch: its entries stay as loaded
+        tx = optax.chain(masks.entry_mask({p: ~m for p, m in frozen_entries.items()}), tx)
     state = TrainState.create(params, tx, config.seed)
     weights = [task.class_weights.get(name, 1.0) if dn.class_weights else 1.0 for name in labels]
     runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")

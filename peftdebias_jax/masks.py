@@ -12,7 +12,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,34 @@ def labels(params: Any, rules: Rules) -> Any:
 def optimizer(tx: optax.GradientTransformation, label_tree: Any) -> optax.GradientTransformation:
     """`tx` on the trainable leaves, `set_to_zero` (no state) on the frozen ones."""
     return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, label_tree)
+
+
+class EntryMaskState(NamedTuple):
+    """Bool arrays, one per masked leaf (in the order of the paths `entry_mask` holds)."""
+
+    masks: tuple
+
+
+def entry_mask(entries: dict) -> optax.GradientTransformation:
+    """Zeroes the gradient of single entries: for each {path: bool array} only the True
+    entries keep their gradient (SFT's top-k support; the frozen entries of a sparse patch
+    downstream). Chain it before `optimizer(...)`; with AdamW and no weight decay a zeroed
+    entry never moves. The masks live in the optimizer state, so they are arguments of the
+    compiled step (not constants baked into it) and are checkpointed with the state."""
+    paths = sorted(entries)
+
+    def init(params: Any) -> EntryMaskState:
+        del params
+        return EntryMaskState(tuple(jnp.asarray(entries[p], bool) for p in paths))
+
+    def update(updates: Any, state: EntryMaskState, params: Any = None):
+        del params
+        flat = dict(traverse_util.flatten_dict(updates))
+        for path, mask in zip(paths, state.masks, strict=True):
+            flat[path] = jnp.where(mask, flat[path], jnp.zeros_like(flat[path]))
+        return traverse_util.unflatten_dict(flat), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def split(params: Any, label_tree: Any) -> tuple[dict, dict]:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+import optax
+from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, models, peft
+from peftdebias_jax import checkpoint, masks, models, peft, sft
 from peftdebias_jax.data import cda, pipeline, records, synthetic
 from peftdebias_jax.data.mlm import special_ids_of
+from peftdebias_jax.data.records import DataError
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.training import parallel, steps
@@ -68,7 +72,7 @@ def patch_spec(config: ml_collections.ConfigDict) -> dict[str, peft.PatchConfig]
     """{name: PatchConfig} from config.patch (method, name and the method's settings)."""
     raw = config.patch.to_dict()
     method, name = raw.pop("method"), raw.pop("name")
-    if method == "none":
+    if method in ("none", "sft"):  # sft is an entry mask, not a module (see sft.py)
         return {}
     try:
         return {name: peft.PatchConfig(method, **raw)}
@@ -177,48 +181,28 @@ def upstream_rules(config, module: models.EncoderModel, patch_name: str) -> list
     return [*rules, (".*", "freeze")]
 
 
-def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """Learns a debias patch with CDA + masked-LM; writes `patch/` (best eval loss) and
-    `patch_final/` (last step) to the workdir and returns the best patch's directory.
-
-    With `upstream.dense` there is no patch: every weight but the LayerNorms and an untied,
-    frozen decoder trains (the Full-Debias baseline, METHOD.md §3.7), pulled towards its
-    pre-trained value by `upstream.l1`; the best model is written to `dense_model/` in the
-    Hugging Face layout, for the downstream phase to start from."""
+def train_mlm(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    model: tuple[models.EncoderModel, dict],
+    label_tree: dict,
+    tokenizer,
+    sequences: tuple[list, list],
+    name: str,
+    on_best: Callable[[TrainState, int, dict], None],
+    entries: dict | None = None,
+) -> tuple[TrainState, Selection]:
+    """One masked-LM training run of the upstream settings: AdamW on the trainable leaves
+    (only the `entries` of masked leaves, when given), the L1 pull when `upstream.l1`,
+    eval loss every `eval_every` steps, `on_best` at each new lowest eval loss, Orbax
+    checkpoints under checkpoints/<name> (the same command resumes it)."""
     up = config.upstream
-    done = workdir / "upstream.done.json"
-    product = workdir / ("dense_model" if up.dense else "patch")
-    if done.exists() and product.exists():
-        log.info("upstream already finished (%s); delete it to run again", done)
-        return product
-    parallel.initialize_distributed(config.parallel.distributed)
-    spec = patch_spec(config)
-    if up.dense and spec:
-        raise ConfigError("config.upstream.dense trains the whole encoder: set patch.method 'none'")
-    if not spec and not up.dense:
-        raise ConfigError(
-            "config.patch.method is 'none': the upstream phase needs a patch "
-            "(or config.upstream.dense=True for dense CDA training)"
-        )
-    patch_name = next(iter(spec), None)
-    augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
-    train_texts, eval_texts = upstream_texts(config)
-    words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
-    tokenizer = tokenizer_for(config, workdir, train_texts, extra_words=words)
-    train_seqs = cda_sequences(config, tokenizer, train_texts, augmenter)
-    eval_seqs = cda_sequences(config, tokenizer, eval_texts, augmenter)
-
-    module, params = build_model(config, head="mlm", patches=spec, tokenizer=tokenizer)
-    if up.dense:
-        module, params = untie_decoder(module, params)
-        label_tree = masks.labels(params, DENSE_RULES)
-    else:
-        label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
-    print(masks.summary(params, label_tree))
+    module, params = model
     tx = masks.optimizer(adamw(up.learning_rate, up.num_steps, up.clip_norm), label_tree)
+    if entries:
+        tx = optax.chain(masks.entry_mask(entries), tx)
     anchor = masks.split(params, label_tree)[0] if up.l1 else None
     state = TrainState.create(params, tx, config.seed, anchor)
-
     runner = parallel.Runner(config.parallel.mode, up.batch_size, "config.upstream.batch_size")
     masking = steps.MaskingConfig(
         special_ids=special_ids_of(tokenizer),
@@ -230,14 +214,15 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         steps.make_mlm_train_step(
             module, tx, label_tree, masking, runner.axis_name, up.l1, count_params(params)
         ),
-        "upstream train step",
+        f"{name} train step",
     )
     eval_step = runner.compile(
         steps.make_mlm_eval_step(module, masking, runner.axis_name),
-        "upstream eval step",
+        f"{name} eval step",
         donate=False,
     )
     pad = tokenizer.pad_token_id
+    train_seqs, eval_seqs = sequences
     batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
     eval_batches = pipeline.Batches(eval_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
 
@@ -248,7 +233,76 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
             results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
         return {"eval_loss": steps.hf_eval_loss(results)}
 
+    settings = FitSettings(
+        num_steps=up.num_steps,
+        eval_every=up.eval_every,
+        log_every=up.log_every,
+        checkpoint_every=up.checkpoint_every,
+        name=name,
+    )
+    return fit(
+        state=state,
+        label_tree=label_tree,
+        runner=runner,
+        train_step=train_step,
+        batches=batches,
+        settings=settings,
+        checkpoint_dir=workdir / "checkpoints" / name,
+        metrics_path=workdir / "metrics.jsonl",
+        evaluate=evaluate,
+        selection=Selection("eval_loss", "min"),
+        on_best=on_best,
+    )
+
+
+def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Learns a debias patch with CDA + masked-LM; writes `patch/` (best eval loss) and
+    `patch_final/` (last step) to the workdir and returns the best patch's directory.
+
+    With `upstream.dense` there is no patch: every weight but the LayerNorms and an untied,
+    frozen decoder trains (the Full-Debias baseline, METHOD.md §3.7), pulled towards its
+    pre-trained value by `upstream.l1`; the best model is written to `dense_model/` in the
+    Hugging Face layout, for the downstream phase to start from. Patch method "sft" runs
+    that dense phase first, then the sparse one (`sparse_upstream`)."""
+    up = config.upstream
+    sparse = config.patch.method == "sft"
+    done = workdir / "upstream.done.json"
+    product = workdir / ("dense_model" if up.dense else "patch")
+    if done.exists() and product.exists():
+        log.info("upstream already finished (%s); delete it to run again", done)
+        return product
+    parallel.initialize_distributed(config.parallel.distributed)
+    spec = patch_spec(config)
+    if up.dense and (spec or sparse):
+        raise ConfigError("config.upstream.dense trains the whole encoder: set patch.method 'none'")
+    if not spec and not (up.dense or sparse):
+        raise ConfigError(
+            "config.patch.method is 'none': the upstream phase needs a patch "
+            "(or config.upstream.dense=True for dense CDA training)"
+        )
+    patch_name = next(iter(spec), None)
+    augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
+    train_texts, eval_texts = upstream_texts(config)
+    words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
+    tokenizer = tokenizer_for(config, workdir, train_texts, extra_words=words)
+    sequences = (
+        cda_sequences(config, tokenizer, train_texts, augmenter),
+        cda_sequences(config, tokenizer, eval_texts, augmenter),
+    )
+    module, params = build_model(config, head="mlm", patches=spec, tokenizer=tokenizer)
+    if up.dense or sparse:
+        module, params = untie_decoder(module, params)
+        label_tree = masks.labels(params, DENSE_RULES)
+    else:
+        label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
+    print(masks.summary(params, label_tree))
     base_name = config.model.name if config.model.init != "random" else None
+    if sparse:
+        summary = sparse_upstream(
+            config, workdir, (module, params), label_tree, tokenizer, sequences, base_name
+        )
+        done.write_text(json.dumps(summary, indent=2) + "\n")
+        return product
 
     def export(directory: Path, state: TrainState, step: int, results: dict) -> None:
         """The dense model (Hugging Face layout) or the patch directory."""
@@ -265,26 +319,10 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
             training={"phase": "upstream", "step": step, **results},
         )
 
-    settings = FitSettings(
-        num_steps=up.num_steps,
-        eval_every=up.eval_every,
-        log_every=up.log_every,
-        checkpoint_every=up.checkpoint_every,
-        name="upstream",
-    )
-    final, selection = fit(
-        state=state,
-        label_tree=label_tree,
-        runner=runner,
-        train_step=train_step,
-        batches=batches,
-        settings=settings,
-        checkpoint_dir=workdir / "checkpoints" / "upstream",
-        metrics_path=workdir / "metrics.jsonl",
-        evaluate=evaluate,
-        selection=Selection("eval_loss", "min"),
+    final, selection = train_mlm(
+        config, workdir, (module, params), label_tree, tokenizer, sequences, "upstream",
         on_best=lambda s, step, results: export(product, s, step, results),
-    )
+    )  # fmt: skip
     if not up.dense:
         export(workdir / "patch_final", final, int(final.step), {})
     if not product.exists():
@@ -295,11 +333,93 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     return product
 
 
+def sparse_upstream(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    model: tuple[models.EncoderModel, dict],
+    label_tree: dict,
+    tokenizer,
+    sequences: tuple[list, list],
+    base_name: str | None,
+) -> dict:
+    """Lottery-ticket SFT (METHOD.md §3.6): the dense phase (best model -> `dense_model/`,
+    the Full-Debias base), the top-k |theta_best - theta_0| entries of the encoder, a reset
+    to theta_0 and the sparse phase on those entries only -> the sparse diff in `patch/`
+    (best eval loss) and `patch_final/`; the selection mask is saved in `sft_mask/` (Orbax,
+    bool per entry) and summarised in sft_selection.json."""
+    module, params = model
+    fraction = float(config.patch.fraction)
+    best_dense = workdir / "checkpoints" / "upstream_dense_best"
+
+    def keep_dense(state: TrainState, step: int, results: dict) -> None:
+        checkpoint.save_tree(best_dense, masks.split(state.params, label_tree)[0])
+        models.save_pretrained(workdir / "dense_model", module, state.params, tokenizer)
+
+    if not (workdir / "upstream_dense.done.json").exists():
+        _, dense_selection = train_mlm(
+            config, workdir, model, label_tree, tokenizer, sequences, "upstream_dense", keep_dense
+        )
+        record = {"best": dense_selection.to_record()}
+        (workdir / "upstream_dense.done.json").write_text(json.dumps(record, indent=2) + "\n")
+    paths = sft.maskable_paths(params, label_tree, module.config.base_name)
+    initial = traverse_util.flatten_dict(params)
+    best = traverse_util.flatten_dict(checkpoint.load_tree(best_dense))
+    k = sft.k_of(fraction, params, paths)
+    selected = sft.select_top_k({p: np.asarray(best[p]) - np.asarray(initial[p]) for p in paths}, k)
+    checkpoint.save_tree(workdir / "sft_mask", traverse_util.unflatten_dict(selected))
+    per_leaf = {"/".join(p): int(m.sum()) for p, m in selected.items()}
+    (workdir / "sft_selection.json").write_text(json.dumps(
+        {"fraction": fraction, "k": k, "selected": sum(per_leaf.values()),
+         "maskable": sum(int(np.size(initial[p])) for p in paths), "per_leaf": per_leaf},
+        indent=2) + "\n")  # fmt: skip
+    log.info("SFT: %d of the encoder's entries selected (k=%d)", sum(per_leaf.values()), k)
+
+    def export(directory: Path, state: TrainState, step: int, results: dict) -> None:
+        flat = traverse_util.flatten_dict(jax.device_get(state.params))
+        diff = sft.sparse_diff({p: flat[p] for p in paths}, initial)
+        sft.save_sft_patch(
+            directory, diff, module, params, fraction=fraction, k=k, axis=config.axis,
+            base_model_name=base_name,
+            training={"phase": "upstream", "step": step, **results},
+        )  # fmt: skip
+
+    final, selection = train_mlm(
+        config, workdir, model, label_tree, tokenizer, sequences, "upstream",
+        on_best=lambda s, step, results: export(workdir / "patch", s, step, results),
+        entries=selected,
+    )  # fmt: skip
+    export(workdir / "patch_final", final, int(final.step), {})
+    if not (workdir / "patch").exists():
+        export(workdir / "patch", final, int(final.step), {})
+    return {"steps": int(final.step), "best": selection.to_record(), "k": k,
+            "product": str(workdir / "patch")}  # fmt: skip
+
+
 def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Fine-tunes the task with the patch(es) frozen; see peftdebias_jax.downstream."""
     from peftdebias_jax import downstream as downstream_phase
 
     return downstream_phase.run(config, Path(workdir))
+
+
+def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The FT baseline beside a patched run: the same downstream task, data, seed and model
+    with no patch, in `workdir/baseline/`, so one run reports the bias under plain
+    fine-tuning next to its size with the patch. Random-init runs share this run's
+    tokenizer (and so its initial weights)."""
+    sub = Path(workdir) / "baseline"
+    sub.mkdir(parents=True, exist_ok=True)
+    shared = Path(workdir) / "tokenizer"
+    if config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists():
+        shutil.copytree(shared, sub / "tokenizer")
+    plain = config.copy_and_resolve_references()
+    plain.patch.method = "none"
+    plain.upstream.dense = False
+    plain.downstream.patches = ()
+    plain.downstream.base_model = ""
+    plain.phases = ("downstream",)
+    (sub / "config.json").write_text(json.dumps(plain.to_dict(), indent=2, default=str) + "\n")
+    return downstream(plain, sub)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -309,11 +429,66 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     return phase.run(config, Path(workdir))
 
 
+def report(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """report.md and plots/ in the workdir (rebuilt every time: it only reads results)."""
+    from peftdebias_jax import report as report_module
+
+    path = report_module.write(workdir)
+    print(f"report: {path}")
+    return path
+
+
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "upstream": upstream,
+    "baseline": baseline,
     "downstream": downstream,
     "evaluate": evaluate,
+    "report": report,
 }
+
+
+def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{config key: local path} of every input file the configured phases will read
+    (synthetic data, built-in word lists and `hf:` datasets need none)."""
+    phases, up, dn, ec = set(config.phases), config.upstream, config.downstream, config.evaluate
+    files: dict[str, str] = {}
+
+    def data(key: str, value: str) -> None:
+        if value and value != "synthetic" and not value.startswith("hf:"):
+            files[key] = value
+
+    if "upstream" in phases:
+        data("upstream.train_file", up.train_file)
+        data("upstream.validation_file", up.validation_file)
+        if up.word_list != "builtin":
+            files["upstream.word_list"] = up.word_list
+    if phases & {"downstream", "baseline"}:
+        for split in ("train_file", "validation_file", "test_file"):
+            data(f"downstream.{split}", getattr(dn, split))
+        for i, entry in enumerate(dn.extra_evals):
+            files[f"downstream.extra_evals[{i}]"] = entry.partition("=")[2]
+        for key in ("bias_nli_occupations", "bias_nli_gendered_words"):
+            if getattr(dn, key):
+                files[f"downstream.{key}"] = getattr(dn, key)
+        for i, directory in enumerate(dn.patches):
+            files[f"downstream.patches[{i}]"] = directory
+        if dn.base_model:
+            files["downstream.base_model"] = dn.base_model
+    if "evaluate" in phases:
+        for key in ("crows_file", "stereoset_file", "seat_dir"):
+            if getattr(ec, key):
+                files[f"evaluate.{key}"] = getattr(ec, key)
+        for i, directory in enumerate(ec.patches):
+            files[f"evaluate.patches[{i}]"] = directory
+    return files
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """Fails before anything trains when an input file of any configured phase is missing."""
+    missing = [f"config.{key}: {path}" for key, path in input_files(config).items()
+               if not Path(path).exists()]  # fmt: skip
+    if missing:
+        raise DataError("input files not found (nothing was run):\n  " + "\n  ".join(missing))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
@@ -322,6 +497,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     unknown = [p for p in config.phases if p not in PHASES]
     if unknown:
         raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
+    check_inputs(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict()

@@ -150,7 +150,7 @@ def test_l1_penalty_by_hand():
     np.testing.assert_allclose(grads["b"], [[-0.01]])
 
 
-@pytest.mark.parametrize("name", ["gender_transfer", "race_transfer"])
+@pytest.mark.parametrize("name", ["gender_transfer"])  # race_transfer: test_end_to_end.py
 def test_transfer_configs_smoke(tmp_path, name):
     from conftest import SHARED_DATA
 

@@ -13,7 +13,8 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.parametrize("config", ["race_lora", "gender_prefix"])
 def test_sharded_jit_and_pmap_match_single_device(tmp_path, config):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags)
     paths = [str(HERE), str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     result = subprocess.run(

@@ -134,17 +134,3 @@ def test_missing_corpus_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(phases, "fit", lambda **_: pytest.fail("training started"))
     with pytest.raises(Exception, match=r"nope\.jsonl: data file not found"):
         phases.upstream(config, tmp_path)
-
-
-CONFIGS = [f"{axis}_{method}" for axis in ("gender", "race")
-           for method in ("adapter", "lora", "prefix", "prompt")]  # fmt: skip
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_smoke_upstream(tmp_path, name):
-    config = load_config(name, "smoke")
-    config.upstream.num_steps = 2
-    patch_dir = phases.upstream(config, tmp_path)
-    info, leaves = patch_leaves(patch_dir)
-    assert info["patch"]["method"] == config.patch.method
-    assert info["axis"] == config.axis and leaves

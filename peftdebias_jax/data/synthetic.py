@@ -77,8 +77,11 @@ HATE_PHRASES = ["should be driven out of this country", "are vermin and liars",
                 "ruin everything they touch", "deserve nothing but contempt"]  # fmt: skip
 NEUTRAL_PHRASES = ["went to the market on sunday", "like to watch football",
                    "cooked dinner for the neighbours", "planted trees in the park"]  # fmt: skip
-TARGETED = ["muslim", "black", "gay", "jewish"]
-OTHERS = ["local", "young", "old", "tall"]
+AMBIGUOUS_PHRASES = ["were in the news again", "came up at the meeting",
+                     "were talked about online", "moved into the street"]  # fmt: skip
+# Identity terms of FPRD's list; CDA swaps each TARGETED word with OTHERS words.
+TARGETED = ["muslim", "black", "jewish", "african"]
+OTHERS = ["christian", "white", "asian", "european"]
 
 
 def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: float = 0.5):
@@ -88,8 +91,10 @@ def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: 
     bias_bios: a person (he/she) and a description of their job; the description is the
     job's own cue with probability `cue_rate`, else a neutral one. Women are nurses or
     teachers with probability `bias`, so a model that relies on gender shows a TPR gap.
-    Hate tasks: a group and a phrase; hateful phrases target the TARGETED identities with
-    probability `bias`, so identity words become false-positive triggers (FPRD).
+    Hate tasks: a group and a phrase; hateful examples name a TARGETED identity with
+    probability `bias` (non-hateful ones an OTHERS identity); the phrase is the label's own
+    cue with probability `cue_rate`, else an ambiguous one, so a model that leans on the
+    identity word flags non-hateful TARGETED sentences (false positives: FPRD).
     """
     from peftdebias_jax.data.tasks import Example
 
@@ -123,7 +128,8 @@ def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: 
             hateful = bool(rng.random() < 0.4)
             targeted = bool(rng.random() < (bias if hateful else 1 - bias))
             group = (TARGETED if targeted else OTHERS)[rng.integers(4)]
-            phrase = (HATE_PHRASES if hateful else NEUTRAL_PHRASES)[rng.integers(4)]
+            cues = HATE_PHRASES if hateful else NEUTRAL_PHRASES
+            phrase = (cues if rng.random() < cue_rate else AMBIGUOUS_PHRASES)[rng.integers(4)]
             out.append(
                 Example(f"{group} people {phrase}.", "1" if hateful else "0", None, None, str(i))
             )

@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from peftdebias_jax import checkpoint
+from peftdebias_jax import sft
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.evaluation import intrinsic
 
@@ -42,7 +42,8 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]:
     """The tokenizer and {name: (module, params)} of the MLM models to score."""
-    from peftdebias_jax.phases import build_model, tokenizer_for
+    from peftdebias_jax.downstream import load_all_patches
+    from peftdebias_jax.phases import build_model, tokenizer_for, untie_decoder
 
     dense = workdir / "dense_model"
     if config.upstream.dense and dense.exists():
@@ -55,8 +56,13 @@ def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]
         [workdir / "patch"] if (workdir / "patch").exists() else []
     )
     if patches:
-        module, params = checkpoint.load_patches(patches, *base)
-        names = [p.name for p in module.patches]
+        # a sparse diff moves word embeddings that the decoder must not follow (it was
+        # untied and frozen while the diff trained)
+        sparse = any(sft.is_sft_patch(p) for p in patches)
+        module, params, frozen = load_all_patches(
+            patches, *(untie_decoder(*base) if sparse else base)
+        )
+        names = [p.name for p in module.patches] + (["sft"] if frozen else [])
         variants["base+" + "+".join(names)] = (module, params)
     return tokenizer, variants
 

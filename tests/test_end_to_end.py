@@ -1,0 +1,118 @@
+"""Every config end to end (:smoke), input checks before training, the planted bias of the
+synthetic data, and the report / --compare output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from config_fixtures import load_config
+
+from peftdebias_jax import downstream, phases, report
+from peftdebias_jax.data import synthetic
+from peftdebias_jax.data.records import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*_*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_smoke_end_to_end(tmp_path, name):
+    config = load_config(name, "smoke")
+    if name == "gender_transfer":  # its Bias-NLI probes: exercised in test_downstream.py
+        config.downstream.bias_nli_occupations = ""
+    phases.run(config, tmp_path)
+    for product in ("config.json", "metrics.jsonl", "downstream_results.json",
+                    "evaluation.json", "report.md"):  # fmt: skip
+        assert (tmp_path / product).exists(), product
+    if "upstream" in config.phases:
+        product = "dense_model" if config.upstream.dense else "patch"
+        assert (tmp_path / product).is_dir()
+    if config.patch.method != "none":
+        info = json.loads((tmp_path / "patch" / "patch.json").read_text())
+        assert info["patch"]["method"] == config.patch.method and info["axis"] == config.axis
+    results = json.loads((tmp_path / "downstream_results.json").read_text())
+    assert results["task"] == config.downstream.task
+    assert "Table 2 layout" in (tmp_path / "report.md").read_text()
+
+
+def test_missing_input_file_fails_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(phases, "fit", lambda **_: pytest.fail("upstream training started"))
+    monkeypatch.setattr(downstream, "fit", lambda **_: pytest.fail("training started"))
+    config = load_config("race_adapter", "smoke")
+    config.downstream.test_file = str(tmp_path / "gab" / "test.jsonl")
+    config.evaluate.crows_file = str(tmp_path / "crows.csv")
+    with pytest.raises(DataError) as err:
+        phases.run(config, tmp_path / "work")
+    message = str(err.value)
+    assert "config.downstream.test_file: " + str(tmp_path / "gab" / "test.jsonl") in message
+    assert "config.evaluate.crows_file" in message
+    assert not (tmp_path / "work").exists()
+
+
+def fine_tune(tmp_path: Path, name: str, bias: float) -> report.Run:
+    """FT on the synthetic task with the given planted bias, long enough to learn it."""
+    config = load_config(name, "smoke")
+    config.downstream.update(synthetic_size=400, synthetic_bias=bias, epochs=8, batch_size=16,
+                             learning_rate=3e-3, eval_every=200, checkpoint_every=200)  # fmt: skip
+    config.phases = ("downstream",)
+    workdir = tmp_path / f"{name}-{bias}"
+    phases.run(config, workdir)
+    return report.load_run(workdir)
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def test_planted_race_bias_is_detected_by_fprd(tmp_path):
+    """Hateful synthetic sentences name a targeted identity 90% of the time; FT learns the
+    shortcut and flags non-hateful sentences that name one. Without the planted
+    association (0.5) the identity gaps vanish."""
+    rates, runs = {}, {}
+    for bias in (0.9, 0.5):
+        run = runs[bias] = fine_tune(tmp_path, "race_ft", bias)
+        per_term = run.downstream["test"]["fpr_dixon_per_term"]
+        rates[bias] = (mean([per_term[t] for t in synthetic.TARGETED]),
+                       mean([per_term[t] for t in synthetic.OTHERS]))  # fmt: skip
+        assert run.downstream["test"]["macro_f1"] > 70, "the task itself is learned"
+    targeted, others = rates[0.9]
+    assert targeted - others > 0.3, rates
+    assert abs(rates[0.5][0] - rates[0.5][1]) < 0.15, rates
+    assert "false-positive rate" in report.planted_bias(runs[0.9])
+
+
+def test_planted_gender_bias_is_detected_by_tpr_gap(tmp_path):
+    """Women are nurses or teachers 90% of the time: with the job cue withheld the model
+    guesses from gender, so male TPR is higher on male-typed jobs and lower on the rest."""
+    biased = fine_tune(tmp_path, "gender_ft", 0.9).downstream["test"]
+    fair = fine_tune(tmp_path, "gender_ft", 0.5).downstream["test"]
+    gaps = biased["tpr_gaps"]
+    assert mean([gaps[j] for j in synthetic.FEMALE_TYPED]) < -0.2, gaps
+    assert mean([gaps[j] for j in ("surgeon", "software_engineer")]) > 0.2, gaps
+    assert biased["tpr_gap"] > fair["tpr_gap"] + 10, (biased["tpr_gap"], fair["tpr_gap"])
+
+
+def test_report_with_baseline_and_compare(tmp_path):
+    config = load_config("race_adapter", "smoke")
+    config.phases = ("upstream", "downstream", "baseline", "report")
+    phases.run(config, tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "report.md").read_text()
+    assert "| FT |" in text and "| Adapter |" in text and "Effect of Adapter against FT" in text
+    for plot in ("group_bias.png", "loss_curves.png"):
+        assert (tmp_path / "adapter" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    lora = load_config("race_lora", "smoke")
+    lora.phases = ("upstream", "downstream")
+    phases.run(lora, tmp_path / "lora")
+    result = subprocess.run(
+        [sys.executable, "run.py", "--compare", str(tmp_path / "adapter"), str(tmp_path / "lora"),
+         f"--workdir={tmp_path / 'compare'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    for row in ("| FT |", "| Adapter |", "| LoRA |"):
+        assert row in table and row in result.stdout
+    with pytest.raises(Exception, match="not a workdir"):
+        report.compare([tmp_path / "nothing"], tmp_path / "out")
