@@ -133,9 +133,18 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.class_weights = True  # GHC 10, Stormfront 6.7 for the hate class
     # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
     config.downstream.freeze_layernorm = True
+    # what trains besides frozen patches: "all", "bitfit" (biases + head), "beft" (one bias
+    # type + head, see config.beft); the bias modes ignore freeze_layernorm
+    config.downstream.trainable = "all"
     # patch directories to load, frozen; () = this run's upstream patch, when it has one
     config.downstream.patches = ()
     config.downstream.base_model = ""  # a dense CDA-trained base directory (Full-Debias)
+
+    config.beft = ml_collections.ConfigDict()
+    config.beft.mode = "v2_direct"  # b_v directly; "v1_select": the bias_select phase ranks
+    config.beft.criterion = "beft"  # v1: "beft" (B1), "magnitude" (B2), "fisher" (B3)
+    config.beft.candidates = ("b_q", "b_k", "b_v")
+    config.beft.fisher_batch_size = 8
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"  # "": skip

@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from peftdebias_jax import checkpoint, masks, phases, sft
+from peftdebias_jax import bias_select, checkpoint, masks, phases, sft
 from peftdebias_jax import evaluation as ev
 from peftdebias_jax.data import pipeline, synthetic, tasks
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState, adamw
@@ -123,6 +124,38 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
     return out
 
 
+def trainable_rules(config: ml_collections.ConfigDict, workdir: Path, module) -> list:
+    """Mask rules of the fine-tuning run: patches always frozen; then `downstream.trainable`:
+    "all" (everything else, LayerNorms frozen as the reference unless freeze_layernorm is
+    off), "bitfit" (every bias + pooler bias + classifier) or "beft" (one bias type + the
+    same head: b_v in mode v2_direct, the bias_select phase's choice in v1_select)."""
+    dn = config.downstream
+    rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
+    if dn.trainable == "all":
+        rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
+        return [*rules, (".*", "train")]
+    if dn.trainable == "bitfit":
+        return [*rules, *bias_select.rules(None)]
+    if dn.trainable == "beft":
+        return [*rules, *bias_select.rules([selected_bias_type(config, workdir)])]
+    raise ConfigError(
+        f"config.downstream.trainable must be 'all', 'bitfit' or 'beft', got {dn.trainable!r}"
+    )
+
+
+def selected_bias_type(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """b_v for BEFT v2; the type bias_scores.json names for v1 (the bias_select phase)."""
+    if config.beft.mode == "v2_direct":
+        return "b_v"
+    if config.beft.mode != "v1_select":
+        raise ConfigError(f"config.beft.mode must be 'v2_direct' or 'v1_select', got "
+                          f"{config.beft.mode!r}")  # fmt: skip
+    scores = workdir / "bias_scores.json"
+    if not scores.exists():
+        raise ConfigError(f"{scores} not found: BEFT v1 needs the bias_select phase first")
+    return json.loads(scores.read_text())["selected"]
+
+
 def load_all_patches(directories: list[Path], module, params) -> tuple[Any, dict, dict]:
     """(module, params, {leaf path: bool entries to freeze}): module patches are added as
     modules (frozen by the mask rules); sparse SFT patches are added to the weights and
@@ -166,9 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         config, "classifier", len(labels), tokenizer=tokenizer, base=base
     )
     module, params, frozen_entries = load_all_patches(patch_dirs(config, workdir), module, params)
-    rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
-    rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
-    label_tree = masks.labels(params, [*rules, (".*", "train")])
+    label_tree = masks.labels(params, trainable_rules(config, workdir, module))
     print(masks.summary(params, label_tree))
 
     pad = tokenizer.pad_token_id

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -405,21 +406,87 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """The FT baseline beside a patched run: the same downstream task, data, seed and model
     with no patch, in `workdir/baseline/`, so one run reports the bias under plain
-    fine-tuning next to its size with the patch. Random-init runs share this run's
-    tokenizer (and so its initial weights)."""
-    sub = Path(workdir) / "baseline"
-    sub.mkdir(parents=True, exist_ok=True)
-    shared = Path(workdir) / "tokenizer"
-    if config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists():
-        shutil.copytree(shared, sub / "tokenizer")
-    plain = config.copy_and_resolve_references()
+    fine-tuning next to its size with the patch."""
+    plain, sub = sub_run(config, workdir, "baseline")
     plain.patch.method = "none"
     plain.upstream.dense = False
     plain.downstream.patches = ()
     plain.downstream.base_model = ""
+    plain.downstream.trainable = "all"
     plain.phases = ("downstream",)
     (sub / "config.json").write_text(json.dumps(plain.to_dict(), indent=2, default=str) + "\n")
     return downstream(plain, sub)
+
+
+def sub_run(config: ml_collections.ConfigDict, workdir: Path, name: str) -> tuple:
+    """(config copy, directory) of a run inside this one (the FT baseline, the BEFT probe):
+    random-init runs share this run's tokenizer, hence its initial weights."""
+    sub = Path(workdir) / name
+    sub.mkdir(parents=True, exist_ok=True)
+    shared = Path(workdir) / "tokenizer"
+    if config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists():
+        shutil.copytree(shared, sub / "tokenizer")
+    return config.copy_and_resolve_references(), sub
+
+
+def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """BEFT v1 selection (MASKS.md B.3): scores every bias type per layer and picks the top
+    candidate -> bias_scores.json and plots/bias_scores.png. Criteria "beft" and
+    "magnitude" compare an all-bias (BitFit) probe run, trained in `bias_probe/`, with the
+    pre-trained biases; "fisher" scores mini-batch gradients at the pre-trained weights."""
+    from peftdebias_jax import bias_select as bs
+    from peftdebias_jax import downstream as downstream_phase
+    from peftdebias_jax.data import tasks
+
+    workdir = Path(workdir)
+    out = workdir / "bias_scores.json"
+    if out.exists():
+        log.info("bias_select already finished (%s); delete it to run again", out)
+        return json.loads(out.read_text())
+    criterion = config.beft.criterion
+    if criterion not in bs.CRITERIA:
+        raise ConfigError(f"config.beft.criterion must be one of {bs.CRITERIA}, got {criterion!r}")
+    dn = config.downstream
+    task = tasks.get(dn.task)
+    data = downstream_phase.load_task_data(config, task)
+    labels = data["labels"]
+    if criterion == "fisher":
+        tokenizer = tokenizer_for(config, workdir, [e.text for e in data["train"]])
+    else:
+        probe, directory = sub_run(config, workdir, "bias_probe")
+        probe.downstream.trainable, probe.phases = "bitfit", ("downstream",)
+        downstream_phase.run(probe, directory)
+        tokenizer = tokenizer_for(probe, directory)
+    module, params = build_model(config, "classifier", len(labels), tokenizer=tokenizer)
+    if criterion == "fisher":
+        label_tree = masks.labels(params, bs.rules(None))
+        frozen = masks.split(params, label_tree)[1]
+
+        def loss_fn(sub: dict, batch: dict) -> jax.Array:
+            logits = module.apply({"params": masks.merge(sub, frozen)}, batch["input_ids"],
+                                  batch["attention_mask"], batch["token_type_ids"])  # fmt: skip
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return jnp.sum(ce * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+
+        ids, types, ys = downstream_phase.encode(tokenizer, data["train"], labels, dn.max_len)
+        size = config.beft.fisher_batch_size
+        batches = pipeline.Batches(ids, size, dn.max_len, tokenizer.pad_token_id, config.seed,
+                                   types, ys)  # fmt: skip
+        scores = bs.fisher_scores(
+            loss_fn,
+            params,
+            lambda p: masks.split(p, label_tree)[0],
+            (batches.materialize(spec) for spec in batches.evaluation()),
+        )
+    else:
+        probe_best = checkpoint.load_tree(directory / "checkpoints" / "downstream_best")
+        scores = bs.change_scores(probe_best, params, criterion)
+    record = bs.summary(scores, criterion, bs.select(scores, config.beft.candidates))
+    (workdir / "plots").mkdir(exist_ok=True)
+    bs.plot(record, workdir / "plots" / "bias_scores.png")
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("bias_select: ranking %s; selected %s", record["ranking"], record["selected"])
+    return record
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -440,6 +507,7 @@ def report(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "upstream": upstream,
+    "bias_select": bias_select,
     "baseline": baseline,
     "downstream": downstream,
     "evaluate": evaluate,
@@ -462,7 +530,7 @@ def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
         data("upstream.validation_file", up.validation_file)
         if up.word_list != "builtin":
             files["upstream.word_list"] = up.word_list
-    if phases & {"downstream", "baseline"}:
+    if phases & {"downstream", "baseline", "bias_select"}:
         for split in ("train_file", "validation_file", "test_file"):
             data(f"downstream.{split}", getattr(dn, split))
         for i, entry in enumerate(dn.extra_evals):

@@ -32,6 +32,12 @@ def test_every_config_smoke_end_to_end(tmp_path, name):
     if config.patch.method != "none":
         info = json.loads((tmp_path / "patch" / "patch.json").read_text())
         assert info["patch"]["method"] == config.patch.method and info["axis"] == config.axis
+    if "bias_select" in config.phases:
+        scores = json.loads((tmp_path / "bias_scores.json").read_text())
+        layers = config.model.architecture.num_hidden_layers
+        assert all(len(v) == layers for v in scores["per_layer"].values())
+        assert scores["selected"] in config.beft.candidates
+        assert (tmp_path / "plots" / "bias_scores.png").exists()
     results = json.loads((tmp_path / "downstream_results.json").read_text())
     assert results["task"] == config.downstream.task
     assert "Table 2 layout" in (tmp_path / "report.md").read_text()

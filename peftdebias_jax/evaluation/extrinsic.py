@@ -224,11 +224,18 @@ def demographic_parity_difference(
 
 
 def equalized_odds_difference(
-    y_true: Sequence, y_pred: Sequence, groups: Sequence, positive: Hashable = 1
+    y_true: Sequence,
+    y_pred: Sequence,
+    groups: Sequence,
+    positive: Hashable = 1,
+    variant: str = "max",
 ) -> float:
-    """EO = max(max_g TPR_g - min_g TPR_g, max_g FPR_g - min_g FPR_g) (as fairlearn), with
-    TPR_g = P(yhat = positive | y = positive, g), FPR_g = P(yhat = positive | y != positive, g);
-    groups lacking positives (or negatives) are left out of that rate's spread."""
+    """EO from the TPR and FPR spreads across groups, TPR_g = P(yhat = positive | y =
+    positive, g), FPR_g = P(yhat = positive | y != positive, g): variant "max" (fairlearn)
+    = max(TPR spread, FPR spread); "sum" = their sum (MASKS.md A.5); "half" = half the sum.
+    Groups lacking positives (or negatives) are left out of that rate's spread."""
+    if variant not in ("max", "sum", "half"):
+        raise ValueError(f"variant must be 'max', 'sum' or 'half', got {variant!r}")
     _check_lengths(y_true, y_pred, groups)
     tprs, fprs = [], []
     for g in sorted(set(groups), key=str):
@@ -247,4 +254,6 @@ def equalized_odds_difference(
         if neg:
             fprs.append(sum(y_pred[i] == positive for i in neg) / len(neg))
     spreads = [max(r) - min(r) for r in (tprs, fprs) if len(r) > 1]
-    return max(spreads) if spreads else 0.0
+    if not spreads:
+        return 0.0
+    return {"max": max(spreads), "sum": sum(spreads), "half": sum(spreads) / 2}[variant]
