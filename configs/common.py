@@ -146,6 +146,19 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.beft.candidates = ("b_q", "b_k", "b_v")
     config.beft.fisher_batch_size = 8
 
+    # Fisher group importance + low-rank head (MASKS.md Part A; RECONSTRUCTED choices)
+    config.fisher = ml_collections.ConfigDict()
+    config.fisher.target = r".*/pooler/dense/kernel"  # the kernels to factorize
+    config.fisher.labels = "empirical"  # or "sampled", "expected"
+    config.fisher.neutralize = "balanced_mean"  # or "min", "discrepancy_penalized", "mask"
+    config.fisher.lam = 1.0  # discrepancy_penalized weight
+    config.fisher.quantile = 0.9  # mask: the discrepancy quantile that marks a weight
+    config.fisher.rank = 64
+    config.fisher.mode = "replace"  # W := A B; "residual": W - A B frozen + A B trained
+    config.fisher.ewc_lambda = 0.0  # > 0: the EWC pull (A4) towards the original weights
+    config.fisher.max_examples = 2000  # training examples the Fisher is averaged over
+    config.fisher.chunk = 16  # examples per vmap(grad) call
+
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.crows_file = "data/crows/crows_pairs_anonymized.csv"  # "": skip
     config.evaluate.crows_bias_type = "gender" if gender else "race-color"  # "": all pairs

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 
 from peftdebias_jax import bias_select, checkpoint, masks, phases, sft
 from peftdebias_jax import evaluation as ev
@@ -138,8 +141,13 @@ def trainable_rules(config: ml_collections.ConfigDict, workdir: Path, module) ->
         return [*rules, *bias_select.rules(None)]
     if dn.trainable == "beft":
         return [*rules, *bias_select.rules([selected_bias_type(config, workdir)])]
+    if dn.trainable == "lowrank":  # the fisher_lowrank factors, the head, the target biases
+        rules = [r for r in rules if r[0] != masks.patch_regex(LOWRANK)]
+        return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_select.HEAD_RULES,
+                (".*", "freeze")]  # fmt: skip
     raise ConfigError(
-        f"config.downstream.trainable must be 'all', 'bitfit' or 'beft', got {dn.trainable!r}"
+        "config.downstream.trainable must be 'all', 'bitfit', 'beft' or 'lowrank', got "
+        f"{dn.trainable!r}"
     )
 
 
@@ -154,6 +162,60 @@ def selected_bias_type(config: ml_collections.ConfigDict, workdir: Path) -> str:
     if not scores.exists():
         raise ConfigError(f"{scores} not found: BEFT v1 needs the bias_select phase first")
     return json.loads(scores.read_text())["selected"]
+
+
+LOWRANK = "lowrank"
+
+
+def hf_module_name(path: tuple[str, ...]) -> str:
+    """bert/encoder/layer_3/output/dense/kernel -> bert.encoder.layer.3.output.dense"""
+    return ".".join(p.replace("layer_", "layer.") for p in path[:-1])
+
+
+def attach_lowrank(workdir: Path, module, params) -> tuple[Any, dict]:
+    """The fisher_lowrank phase's factors as a LoRA-shaped patch named "lowrank" (scale 1)
+    on each target, whose kernel becomes zeros (replace) or W - A B (residual)."""
+    from peftdebias_jax import peft
+
+    stored = checkpoint.load_tree(workdir / "lowrank")["factors"]
+    record = json.loads((workdir / "fisher.json").read_text())
+    paths = [tuple(p.split("/")) for p in record["paths"]]
+    names = "|".join(re.escape(hf_module_name(p)) for p in paths)
+    spec = peft.PatchConfig("lora", r=record["rank"], alpha=record["rank"], target_modules=names)
+    module = checkpoint.with_patch(module, LOWRANK, spec)
+    kernels, leaves = dict(traverse_util.flatten_dict(params)), {}
+    for path, factors in zip(paths, stored, strict=True):
+        scope = (*path[:-1], f"lora_{LOWRANK}")
+        leaves[(*scope, "lora_A")] = np.asarray(factors["down"])
+        leaves[(*scope, "lora_B")] = np.asarray(factors["up"])
+        kernels[path] = jnp.asarray(factors["kernel"], kernels[path].dtype)
+    params = traverse_util.unflatten_dict(kernels)
+    leaves = traverse_util.unflatten_dict(leaves)
+    return module, checkpoint.insert_leaves(module, params, leaves, workdir / "lowrank")
+
+
+def ewc_regularizer(workdir: Path, lam: float):
+    """(A4) on the effective target weights W_eff = kernel + A B against the original W*,
+    weighted by the neutralized importance (fisher_lowrank's outputs)."""
+    from peftdebias_jax import fairness
+
+    stored = checkpoint.load_tree(workdir / "lowrank")["factors"]
+    importance = traverse_util.flatten_dict(checkpoint.load_tree(workdir / "fisher")["importance"])
+    paths = [
+        tuple(p.split("/")) for p in json.loads((workdir / "fisher.json").read_text())["paths"]
+    ]
+    anchor = {p: jnp.asarray(f["original"]) for p, f in zip(paths, stored, strict=True)}
+    weight = {p: jnp.asarray(importance[p]) for p in paths}
+
+    def penalty(params: dict) -> jax.Array:
+        flat = traverse_util.flatten_dict(params)
+        effective = {}
+        for path in paths:
+            scope = (*path[:-1], f"lora_{LOWRANK}")
+            effective[path] = flat[path] + flat[(*scope, "lora_A")] @ flat[(*scope, "lora_B")]
+        return fairness.ewc_penalty(effective, anchor, weight, lam)
+
+    return penalty
 
 
 def load_all_patches(directories: list[Path], module, params) -> tuple[Any, dict, dict]:
@@ -199,6 +261,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         config, "classifier", len(labels), tokenizer=tokenizer, base=base
     )
     module, params, frozen_entries = load_all_patches(patch_dirs(config, workdir), module, params)
+    regularizer = None
+    if dn.trainable == "lowrank":
+        module, params = attach_lowrank(workdir, module, params)
+        if config.fisher.ewc_lambda:
+            regularizer = ewc_regularizer(workdir, config.fisher.ewc_lambda)
     label_tree = masks.labels(params, trainable_rules(config, workdir, module))
     print(masks.summary(params, label_tree))
 
@@ -216,7 +283,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")
     train_step = runner.compile(
         steps.make_classification_train_step(
-            module, tx, label_tree, jnp.asarray(weights, jnp.float32), runner.axis_name
+            module,
+            tx,
+            label_tree,
+            jnp.asarray(weights, jnp.float32),
+            runner.axis_name,
+            regularizer,
         ),
         "downstream train step",
     )

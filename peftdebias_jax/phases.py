@@ -489,6 +489,114 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     return record
 
 
+def example_groups(task, examples) -> np.ndarray:
+    """The sensitive attribute per example: its `group` field (gender, dialect; targeted or
+    not in synthetic hate data) when every example has one; otherwise 1 if the text names
+    an identity term of FPRD's list, else 0 (a choice of this library for hate tasks, which
+    carry no group column)."""
+    from peftdebias_jax.evaluation.extrinsic import GROUP_BIAS_WORDS
+
+    del task
+    if all(e.group is not None for e in examples):
+        names = sorted({str(e.group) for e in examples})
+        return np.asarray([names.index(str(e.group)) for e in examples])
+    words = set(GROUP_BIAS_WORDS)
+    return np.asarray([int(bool(words & set(e.text.lower().split()))) for e in examples])
+
+
+def fisher_lowrank(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Fisher group importance -> neutralized importance -> Fisher-weighted low-rank factors
+    of the target kernels (MASKS.md Part A; RECONSTRUCTED, see fairness.py). Writes
+    fisher.json (group sizes, overlap@k, factorization errors), fisher/ (per-group Fishers,
+    importance and influence mask, Orbax) and lowrank/ (factors and the kernels they sit on),
+    which the downstream phase trains with `downstream.trainable="lowrank"`."""
+    from peftdebias_jax import downstream as downstream_phase
+    from peftdebias_jax import fairness
+    from peftdebias_jax.data import tasks
+
+    workdir = Path(workdir)
+    out = workdir / "fisher.json"
+    if out.exists():
+        log.info("fisher_lowrank already finished (%s); delete it to run again", out)
+        return json.loads(out.read_text())
+    fc, dn = config.fisher, config.downstream
+    task = tasks.get(dn.task)
+    data = downstream_phase.load_task_data(config, task)
+    train = data["train"][: fc.max_examples]
+    tokenizer = tokenizer_for(config, workdir, [e.text for e in data["train"]])
+    module, params = build_model(config, "classifier", len(data["labels"]), tokenizer=tokenizer)
+    paths = fairness.target_paths(params, fc.target)
+    flat = traverse_util.flatten_dict(params)
+    scored = traverse_util.unflatten_dict({p: flat[p] for p in paths})
+    rest = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in paths})
+
+    def logits_fn(sub: dict, example: dict) -> jax.Array:
+        batch = {k: v[None] for k, v in example.items()}
+        return module.apply({"params": masks.merge(sub, rest)}, batch["input_ids"],
+                            batch["attention_mask"], batch["token_type_ids"])[0]  # fmt: skip
+
+    ids, types, ys = downstream_phase.encode(tokenizer, train, data["labels"], dn.max_len)
+    batches = pipeline.Batches(ids, len(ids), dn.max_len, tokenizer.pad_token_id, 0, types, ys)
+    keep = ("input_ids", "attention_mask", "token_type_ids", "label")
+    examples = {k: v for k, v in padded_examples(batches).items() if k in keep}
+    groups = example_groups(task, train)
+    fishers = fairness.group_fisher(logits_fn, scored, examples, groups, fc.labels, fc.chunk,
+                                    config.seed)  # fmt: skip
+    importance, influence = fairness.neutralize(fishers, fc.neutralize, fc.lam, fc.quantile)
+    factors, errors = {}, {}
+    for path in paths:
+        down, up = fairness.fwsvd(flat[path], importance[path], fc.rank)
+        plain_down, plain_up = fairness.fwsvd(flat[path], np.ones_like(importance[path]), fc.rank)
+        kernel = np.zeros_like(flat[path]) if fc.mode == "replace" else flat[path] - down @ up
+        factors["/".join(path)] = {"down": down, "up": up, "kernel": np.asarray(kernel),
+                                   "original": np.asarray(flat[path])}  # fmt: skip
+        errors["/".join(path)] = {
+            "fisher_weighted": fairness.weighted_error(flat[path], importance[path], down, up),
+            "plain_svd": fairness.weighted_error(
+                flat[path], importance[path], plain_down, plain_up
+            ),
+        }
+    entries = sum(int(np.size(flat[p])) for p in paths)
+    group_ids = sorted(fishers)
+    record = {
+        "reconstructed": "MASKS.md Part A: the paper's equations are not known",
+        "target": fc.target, "paths": ["/".join(p) for p in paths], "rank": fc.rank,
+        "mode": fc.mode, "labels": fc.labels, "neutralize": fc.neutralize,
+        "group_sizes": {str(g): int(np.sum(groups == g)) for g in group_ids},
+        "overlap_at_1pct": fairness.overlap_at_k(
+            fishers[group_ids[0]], fishers[group_ids[-1]], max(1, entries // 100)
+        ),
+        "influence_masked": int(sum(m.sum() for m in influence.values())) if influence else 0,
+        "errors": errors,
+    }  # fmt: skip
+    unflat = traverse_util.unflatten_dict
+    saved = {f"group_{g}": unflat(f) for g, f in fishers.items()}
+    saved["importance"] = unflat(importance)
+    if influence:
+        saved["influence_mask"] = unflat(influence)
+    checkpoint.save_tree(workdir / "fisher", saved)
+    checkpoint.save_tree(workdir / "lowrank", {"factors": [factors[k] for k in sorted(factors)]})
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("fisher_lowrank: %s", {k: record[k] for k in ("group_sizes", "overlap_at_1pct")})
+    return record
+
+
+def padded_examples(batches: pipeline.Batches) -> dict:
+    """Every row of `batches`, padded to the longest bucket, as one dict of arrays."""
+    parts = [batches.materialize(spec) for spec in batches.evaluation()]
+    width = max(p["input_ids"].shape[1] for p in parts)
+    out: dict = {}
+    for part in parts:
+        real = part["weight"] > 0
+        for key, value in part.items():
+            value = np.asarray(value)[real]
+            if value.ndim == 2:
+                value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
+            out.setdefault(key, []).append(value)
+    order = np.concatenate([np.asarray(spec.rows)[: spec.real] for spec in batches.evaluation()])
+    return {k: np.concatenate(v)[np.argsort(order)] for k, v in out.items()}
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Intrinsic benchmarks (base and base + patch) and the downstream results."""
     from peftdebias_jax.evaluation import phase
@@ -508,6 +616,7 @@ def report(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "upstream": upstream,
     "bias_select": bias_select,
+    "fisher_lowrank": fisher_lowrank,
     "baseline": baseline,
     "downstream": downstream,
     "evaluate": evaluate,
@@ -530,7 +639,7 @@ def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
         data("upstream.validation_file", up.validation_file)
         if up.word_list != "builtin":
             files["upstream.word_list"] = up.word_list
-    if phases & {"downstream", "baseline", "bias_select"}:
+    if phases & {"downstream", "baseline", "bias_select", "fisher_lowrank"}:
         for split in ("train_file", "validation_file", "test_file"):
             data(f"downstream.{split}", getattr(dn, split))
         for i, entry in enumerate(dn.extra_evals):

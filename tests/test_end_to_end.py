@@ -38,6 +38,12 @@ def test_every_config_smoke_end_to_end(tmp_path, name):
         assert all(len(v) == layers for v in scores["per_layer"].values())
         assert scores["selected"] in config.beft.candidates
         assert (tmp_path / "plots" / "bias_scores.png").exists()
+    if "fisher_lowrank" in config.phases:
+        record = json.loads((tmp_path / "fisher.json").read_text())
+        assert record["paths"] and len(record["group_sizes"]) == 2
+        errors = next(iter(record["errors"].values()))
+        assert errors["fisher_weighted"] <= errors["plain_svd"] + 1e-9
+        assert (tmp_path / "fisher").is_dir() and (tmp_path / "lowrank").is_dir()
     results = json.loads((tmp_path / "downstream_results.json").read_text())
     assert results["task"] == config.downstream.task
     assert "Table 2 layout" in (tmp_path / "report.md").read_text()

@@ -130,7 +130,6 @@ def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: 
             group = (TARGETED if targeted else OTHERS)[rng.integers(4)]
             cues = HATE_PHRASES if hateful else NEUTRAL_PHRASES
             phrase = (cues if rng.random() < cue_rate else AMBIGUOUS_PHRASES)[rng.integers(4)]
-            out.append(
-                Example(f"{group} people {phrase}.", "1" if hateful else "0", None, None, str(i))
-            )
+            label, kind = ("1" if hateful else "0"), ("targeted" if targeted else "other")
+            out.append(Example(f"{group} people {phrase}.", label, None, kind, str(i)))
     return out

@@ -159,9 +159,11 @@ def make_classification_train_step(
     label_tree,
     class_weights: jax.Array,
     axis_name: str | None = None,
+    regularizer=None,
 ):
     """The downstream step: class-weighted cross-entropy, normalised like torch's weighted
-    mean: sum_i w_{y_i} ce_i / sum_i w_{y_i} over the (global) batch."""
+    mean: sum_i w_{y_i} ce_i / sum_i w_{y_i} over the (global) batch; plus
+    `regularizer(params)` when given (its gradient added once, after the cross-device sum)."""
 
     def loss_fn(params, batch, dropout_rng, total_weight):
         logits = module.apply(
@@ -188,6 +190,10 @@ def make_classification_train_step(
         total = jnp.maximum(psum(jnp.sum(weights), axis_name), 1e-12)
         loss, grads = grad_fn(state.params, batch, dropout_rng, total)
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
+        if regularizer is not None:
+            penalty, pull = masks.value_and_grad(regularizer, label_tree)(state.params)
+            grads = jax.tree_util.tree_map(jnp.add, grads, pull)
+            loss = loss + penalty
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
