@@ -119,11 +119,14 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
             out[f"fpr_{variant}_per_term"] = result.per_term
     if task.name == "bias_nli":
         out["fn"] = ev.fraction_neutral(pred)
-    groups = [e.group for e in examples]
-    if task.group_name == "dialect" and len(labels) == 2 and None not in groups:
-        positive = labels[1]
-        out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
-        out["equalized_odds"] = ev.equalized_odds_difference(gold, pred, groups, positive)
+    if len(labels) == 2 and (task.positive is not None or task.group_name == "dialect"):
+        # binary tasks: DP and EO across the examples' groups (dialect; for hate tasks the
+        # group field, else whether the text names an identity term: phases.example_groups)
+        groups = phases.example_groups(task, examples).tolist()
+        positive = task.positive if task.positive is not None else labels[1]
+        if len(set(groups)) > 1:
+            out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
+            out["equalized_odds"] = ev.equalized_odds_difference(gold, pred, groups, positive)
     return out
 
 

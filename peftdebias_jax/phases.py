@@ -213,7 +213,14 @@ def train_mlm(
     )
     train_step = runner.compile(
         steps.make_mlm_train_step(
-            module, tx, label_tree, masking, runner.axis_name, up.l1, count_params(params)
+            module,
+            tx,
+            label_tree,
+            masking,
+            runner.axis_name,
+            up.l1,
+            count_params(params),
+            up.max_predictions,
         ),
         f"{name} train step",
     )

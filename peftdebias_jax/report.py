@@ -122,6 +122,8 @@ def extrinsic_columns(task: str, results: dict[str, Any]) -> list[tuple[str, flo
         ]
         if "iptts" in results:
             columns.append(("FPRD_IPTTS ↓", get("fprd_reference", results["iptts"])))
+        if "demographic_parity" in scores:
+            columns += [("DP ↓", get("demographic_parity")), ("EO ↓", get("equalized_odds"))]
         return columns
     columns = [("ACC ↑", get("accuracy")), ("F1 ↑", get("macro_f1"))]
     if "demographic_parity" in scores:

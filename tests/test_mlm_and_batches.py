@@ -113,3 +113,35 @@ def test_local_rows_of_a_batch():
     part = batches.materialize(spec, slice(2, 4))
     np.testing.assert_array_equal(part["input_ids"], whole["input_ids"][2:])
     assert part["index"].tolist() == [2, 3]
+
+
+def test_decoder_on_masked_positions_only_gives_the_same_loss_and_gradient():
+    """The gathered path (decoder on max_predictions positions per row) equals the full
+    [B, L, V] path whenever no row selects more than that many positions."""
+    import jax.numpy as jnp
+
+    from peftdebias_jax import models
+    from peftdebias_jax.training import steps
+
+    config = models.EncoderConfig(
+        model_type="bert", vocab_size=40, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+        type_vocab_size=2,
+    )  # fmt: skip
+    module, params = models.from_config(config, "mlm", seed=0)
+    ids = jax.random.randint(jax.random.key(1), (3, 12), 5, 40)
+    attention = jnp.ones((3, 12), jnp.int32)
+    draw = jax.random.uniform(jax.random.key(2), (3, 12)) < 0.4
+    selected = steps.cap_selection(draw, 4)
+    assert int(selected.sum(1).max()) <= 4 and int(draw.sum()) > int(selected.sum())
+
+    def loss(p, limit):
+        return steps.mlm_loss_sum(module, p, ids, ids, attention, selected, None, limit)
+
+    full, gathered = loss(params, None), loss(params, 4)
+    np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
+    grad_full = jax.grad(loss)(params, None)
+    grad_gathered = jax.grad(loss)(params, 4)
+    for a, b in zip(jax.tree_util.tree_leaves(grad_full), jax.tree_util.tree_leaves(grad_gathered),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

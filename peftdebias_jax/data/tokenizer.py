@@ -9,8 +9,10 @@ descending count (ties by spelling), `extra_words` always included.
 from __future__ import annotations
 
 import string
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -30,6 +32,7 @@ def words_of(texts: Iterable[str]) -> Counter:
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000, extra_words: Iterable[str] = ()):
     """A BERT-style tokenizer whose vocabulary covers `texts` (and `extra_words` whole)."""
+    import transformers
     from transformers import BertTokenizerFast
 
     counts = words_of(texts)
@@ -41,4 +44,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000, extra_words: I
     budget = max(vocab_size - len(vocab) - len(extra), 0)
     chosen = sorted(set(ranked[:budget]) | {w for w in extra if len(w) > 1})
     vocab += [w for w in chosen if w not in set(vocab)]
-    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    with tempfile.TemporaryDirectory() as directory:  # transformers 4 reads a vocab file
+        path = Path(directory) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)

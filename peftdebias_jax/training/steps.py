@@ -8,6 +8,7 @@ mode computes the same update as one device would.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,14 +49,38 @@ def psum(x, axis_name: str | None):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
 
-def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng):
-    """Summed cross-entropy over the selected positions, and the logits' shape is [B, L, V]."""
+def max_predictions_for(length: int, rate: float, setting: int) -> int:
+    """Decoder positions per sequence: `setting` when > 0; 0 = every position (exact); -1 =
+    mean + 3 standard deviations of Binomial(length, rate), e.g. 32 of 128 at 15%."""
+    if setting > 0:
+        return min(setting, length)
+    if setting == 0:
+        return length
+    return min(length, math.ceil(length * rate + 3 * math.sqrt(length * rate * (1 - rate))))
+
+
+def cap_selection(selected: jax.Array, limit: int) -> jax.Array:
+    """The first `limit` selected positions of each row (the rest unselected)."""
+    return selected & (jnp.cumsum(selected, axis=1) <= limit)
+
+
+def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng,
+                 max_predictions: int | None = None):  # fmt: skip
+    """Summed cross-entropy over the selected positions. With `max_predictions` the decoder
+    runs on that many positions per row (the selected ones first; a static shape) instead
+    of all of them: `selected` must then hold at most that many per row (cap_selection)."""
+    positions = None
+    if max_predictions is not None and max_predictions < inputs.shape[1]:
+        positions = jnp.argsort(~selected, axis=1, stable=True)[:, :max_predictions]
+        labels = jnp.take_along_axis(labels, positions, axis=1)
+        selected = jnp.take_along_axis(selected, positions, axis=1)
     logits = module.apply(
         {"params": params},
         inputs,
         attention_mask,
         deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+        mlm_positions=positions,
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(ce * selected)
@@ -82,15 +107,19 @@ def make_mlm_train_step(
     axis_name: str | None = None,
     l1: float = 0.0,
     total_params: int = 1,
+    max_predictions: int = 0,
 ):
     """The upstream step: dynamic masking, masked-LM loss, gradients of trainable leaves;
     with `l1` > 0 also the L1 pull of the trainable leaves towards `state.anchor`, whose
     gradient is added after the (cross-device) masked-LM gradient, as the reference adds
-    it in a separate backward pass."""
+    it in a separate backward pass. `max_predictions` (see max_predictions_for): the
+    decoder runs only on that many masked positions per row; 0 = on all positions."""
 
-    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count):
+    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count, limit):
         return (
-            mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng)
+            mlm_loss_sum(
+                module, params, inputs, labels, attention_mask, selected, dropout_rng, limit
+            )
             / count
         )
 
@@ -103,8 +132,12 @@ def make_mlm_train_step(
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
         ids, attention = batch["input_ids"], batch["attention_mask"]
         inputs, selected = masking.mask(mask_rng, batch, batch["index"])
+        limit = max_predictions_for(ids.shape[1], masking.rate, max_predictions)
+        selected = cap_selection(selected, limit)
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
-        loss, grads = grad_fn(state.params, inputs, ids, attention, selected, dropout_rng, count)
+        loss, grads = grad_fn(
+            state.params, inputs, ids, attention, selected, dropout_rng, count, limit
+        )
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
         if l1:
             current, frozen = masks.split(state.params, label_tree)

@@ -1,0 +1,248 @@
+"""Side-by-side benchmark of our compiled steps against the PyTorch reference stack.
+
+Run it in the environment that has both stacks (the README's test command creates it):
+
+    .venv-adapters/bin/python benchmarks/bench.py            # BERT-base shapes, batch 8 x 128
+    .venv-adapters/bin/python benchmarks/bench.py --quick    # CI-sized shapes, seconds
+
+(or `python3 -m venv .venv-adapters && .venv-adapters/bin/pip install -e ".[adapters-test]"`).
+For every case both sides run in their own worker process (so each peak RSS is its own),
+take `--warmup` steps, then `--steps` timed steps interleaved A B A B. Written to
+benchmarks/results/<device>-<date>.json and printed as a markdown table.
+
+FLOPs per training step (the same useful work credited to both sides; patch FLOPs, <1%,
+left out): forward F = layers * (2 T (4 h^2 + 2 h i) + 4 B S^2 h) + 2 B P h (h + V), with
+T = B S tokens and P = 15% of S masked positions for the MLM decoder (none for the
+classifier); PEFT steps (frozen encoder) cost 2 F (forward + input gradients), full
+fine-tuning 3 F (+ weight gradients). CrowS-Pairs reports pairs/s instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = ("upstream_seq_bn", "upstream_lora", "upstream_prefix", "downstream_ft", "crows")
+BASE = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "vocab": 30522}
+QUICK = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "vocab": 2000}
+
+
+def step_flops(case: str, a: argparse.Namespace) -> float:
+    """Useful FLOPs of one training step (see the module docstring)."""
+    tokens = a.batch * a.seq
+    layer = 2 * tokens * (4 * a.hidden**2 + 2 * a.hidden * a.intermediate)
+    layer += 4 * a.batch * a.seq**2 * a.hidden
+    forward = a.layers * layer
+    if case.startswith("upstream"):
+        masked = round(0.15 * a.seq)
+        forward += 2 * a.batch * masked * a.hidden * (a.hidden + a.vocab)
+        return 2.0 * forward
+    return 3.0 * forward
+
+
+def matmul_peak(dtype: str, size: int) -> dict[str, float]:
+    """GFLOP/s of a size^3 matmul in jax and in torch (median of 5 after warm-up)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    out = {}
+    x = jnp.ones((size, size), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    out["jax"] = 2 * size**3 / statistics.median(times) / 1e9
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                   device=device)  # fmt: skip
+    t @ t
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        t @ t
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    out["torch"] = 2 * size**3 / statistics.median(times) / 1e9
+    return out
+
+
+class Worker:
+    """One side of one case in its own process, driven line by line."""
+
+    def __init__(self, side: str, case: str, a: argparse.Namespace) -> None:
+        shape_flags = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
+                       ("batch", "seq", "hidden", "layers", "heads", "intermediate", "vocab",
+                        "dtype", "crows_pairs")]  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "sides.py"), f"--side={side}", f"--case={case}",
+             f"--max-predictions={a.max_predictions}", *shape_flags],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.info = self.read()
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def finish(self) -> dict:
+        out = self.ask("done")
+        self.process.wait()
+        return out
+
+
+def summarize(times: list[float], examples: int) -> dict:
+    median = statistics.median(times)
+    return {"median_s": median, "min_s": min(times), "max_s": max(times),
+            "examples_per_s": examples / median}  # fmt: skip
+
+
+def run_case(case: str, a: argparse.Namespace, peak: float) -> dict:
+    workers = {"ours": Worker("ours", case, a), "reference": Worker("reference", case, a)}
+    for _ in range(a.warmup):
+        for worker in workers.values():
+            worker.ask("step")
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    for _ in range(a.steps):  # interleaved: ours, reference, ours, reference, ...
+        for side, worker in workers.items():
+            times[side].append(worker.ask("step")["seconds"])
+    result = {}
+    examples = a.crows_pairs if case == "crows" else a.batch
+    for side, worker in workers.items():
+        entry = {**summarize(times[side], examples), **worker.info, **worker.finish()}
+        entry.pop("ready", None)
+        if case != "crows":
+            flops = step_flops(case, a)
+            entry["gflops_per_step"] = flops / 1e9
+            entry["achieved_gflops"] = flops / entry["median_s"] / 1e9
+            entry["fraction_of_peak"] = entry["achieved_gflops"] / peak
+        result[side] = entry
+    result["speedup"] = result["ours"]["examples_per_s"] / result["reference"]["examples_per_s"]
+    return result
+
+
+def device_name() -> str:
+    try:
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return device.device_kind.lower().replace(" ", "-")
+    except Exception:
+        pass
+    import os
+
+    return f"cpu-{os.cpu_count()}core"
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "| case | ours ex/s | reference ex/s | ours / reference | ours step s (min-max) | "
+        "reference step s (min-max) | ours compile s | ours GFLOP/s (% peak) | "
+        "reference GFLOP/s (% peak) | peak RSS MB ours / ref | optimizer state MB ours / ref |",
+        "|" + "---|" * 11,
+    ]
+    for case, r in record["cases"].items():
+        o, ref = r["ours"], r["reference"]
+
+        def rate(e: dict) -> str:
+            if "achieved_gflops" not in e:
+                return "-"
+            return f"{e['achieved_gflops']:.0f} ({100 * e['fraction_of_peak']:.0f}%)"
+
+        unit = " pairs/s" if case == "crows" else ""
+        lines.append(
+            f"| {case} | {o['examples_per_s']:.2f}{unit} | {ref['examples_per_s']:.2f}{unit} | "
+            f"{r['speedup']:.2f}x | {o['median_s']:.3f} ({o['min_s']:.3f}-{o['max_s']:.3f}) | "
+            f"{ref['median_s']:.3f} ({ref['min_s']:.3f}-{ref['max_s']:.3f}) | "
+            f"{o['first_step_s']:.1f} | {rate(o)} | {rate(ref)} | "
+            f"{o['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} | "
+            f"{(o['optimizer_state_bytes'] or 0) / 2**20:.1f} / "
+            f"{(ref['optimizer_state_bytes'] or 0) / 2**20:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized shapes, few steps")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--crows-pairs", type=int, default=50)
+    parser.add_argument(
+        "--max-predictions",
+        type=int,
+        default=-1,
+        help="decoder positions per row for our MLM step (-1 auto, 0 all)",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    for key in BASE:
+        parser.add_argument(f"--{key}", type=int, default=None)
+    a = parser.parse_args(argv)
+    for key, value in (QUICK if a.quick else BASE).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.quick:
+        a.steps, a.warmup, a.crows_pairs = min(a.steps, 3), 1, min(a.crows_pairs, 4)
+        a.seq = min(a.seq, 32)
+    peaks = matmul_peak(a.dtype, 512 if a.quick else 2048)
+    peak = max(peaks.values())
+    record = {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(
+            [
+                Path(sys.executable).name,
+                "benchmarks/bench.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "matmul_peak_gflops": peaks,
+        "flop_formula": next(
+            p for p in __doc__.split("\n\n") if p.startswith("FLOPs per training step")
+        ).replace("\n", " "),
+        "cases": {},
+    }
+    for case in a.cases:
+        print(f"benchmarking {case} ...", file=sys.stderr, flush=True)
+        record["cases"][case] = run_case(case, a, peak)
+    a.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if a.quick else ""
+    path = a.out / f"{record['device']}-{record['date']}{suffix}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
+    print(f"matmul peak GFLOP/s: {peaks}; written to {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
