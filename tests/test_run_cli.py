@@ -22,7 +22,7 @@ def load_config(path: Path, preset: str | None):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_resolves_in_every_preset(path):
     axis = path.stem.split("_")[0]
-    baseline = path.stem.endswith(("_ft", "_full_debias"))
+    baseline = path.stem.endswith(("_ft", "_full_debias", "_beft", "_fisher_lowrank"))
     if path.stem.endswith("_transfer"):
         assert load_config(path, None).downstream.task in ("mnli", "lhc")
     for preset in (None, "demo", "smoke"):
