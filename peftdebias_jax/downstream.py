@@ -122,7 +122,7 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
     if len(labels) == 2 and (task.positive is not None or task.group_name == "dialect"):
         # binary tasks: DP and EO across the examples' groups (dialect; for hate tasks the
         # group field, else whether the text names an identity term: phases.example_groups)
-        groups = phases.example_groups(task, examples).tolist()
+        groups = phases.example_groups(examples).tolist()
         positive = task.positive if task.positive is not None else labels[1]
         if len(set(groups)) > 1:
             out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)

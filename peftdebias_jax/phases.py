@@ -496,14 +496,13 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     return record
 
 
-def example_groups(task, examples) -> np.ndarray:
+def example_groups(examples) -> np.ndarray:
     """The sensitive attribute per example: its `group` field (gender, dialect; targeted or
     not in synthetic hate data) when every example has one; otherwise 1 if the text names
     an identity term of FPRD's list, else 0 (a choice of this library for hate tasks, which
     carry no group column)."""
     from peftdebias_jax.evaluation.extrinsic import GROUP_BIAS_WORDS
 
-    del task
     if all(e.group is not None for e in examples):
         names = sorted({str(e.group) for e in examples})
         return np.asarray([names.index(str(e.group)) for e in examples])
@@ -546,7 +545,7 @@ def fisher_lowrank(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     batches = pipeline.Batches(ids, len(ids), dn.max_len, tokenizer.pad_token_id, 0, types, ys)
     keep = ("input_ids", "attention_mask", "token_type_ids", "label")
     examples = {k: v for k, v in padded_examples(batches).items() if k in keep}
-    groups = example_groups(task, train)
+    groups = example_groups(train)
     fishers = fairness.group_fisher(logits_fn, scored, examples, groups, fc.labels, fc.chunk,
                                     config.seed)  # fmt: skip
     importance, influence = fairness.neutralize(fishers, fc.neutralize, fc.lam, fc.quantile)

@@ -6,11 +6,10 @@ import jax
 import numpy as np
 import pytest
 from config_fixtures import load_config
-from flax import traverse_util
+from fit_fixtures import spy_on_fit
 
 from peftdebias_jax import downstream, masks, phases
 from peftdebias_jax.data.records import DataError
-from peftdebias_jax.training import loop
 
 
 def tiny(name, **downstream_settings):
@@ -20,25 +19,10 @@ def tiny(name, **downstream_settings):
     return config
 
 
-def spy_on_fit(monkeypatch):
-    captured = {}
-    real = loop.fit
-
-    def spy(**kwargs):
-        captured["start"] = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
-        captured["labels"] = traverse_util.flatten_dict(kwargs["label_tree"])
-        final, selection = real(**kwargs)
-        captured["final"] = traverse_util.flatten_dict(jax.device_get(final.params))
-        return final, selection
-
-    monkeypatch.setattr(downstream, "fit", spy)
-    return captured
-
-
 def test_upstream_patch_stays_frozen_downstream(tmp_path, monkeypatch):
     config = tiny("gender_adapter", num_steps=8, learning_rate=1e-3, synthetic_size=64)
     phases.upstream(config, tmp_path)
-    captured = spy_on_fit(monkeypatch)
+    captured = spy_on_fit(monkeypatch, downstream)
     results = phases.downstream(config, tmp_path)
 
     start, final, labels = captured["start"], captured["final"], captured["labels"]
@@ -65,7 +49,7 @@ def test_upstream_patch_stays_frozen_downstream(tmp_path, monkeypatch):
 
 
 def test_ft_baseline_has_no_patch_and_fprd_for_hate(tmp_path, monkeypatch):
-    captured = spy_on_fit(monkeypatch)
+    captured = spy_on_fit(monkeypatch, downstream)
     results = phases.downstream(tiny("race_ft", num_steps=4), tmp_path)
     assert not any(masks.patch_name(p) for p in captured["start"])
     for key in ("fprd_reference", "fprd_dixon", "fpr_reference_per_term", "macro_f1"):
@@ -105,16 +89,7 @@ def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
 
     config = tiny("gender_full_debias", num_steps=3)
     config.upstream.update(num_steps=4, learning_rate=1e-2)
-    captured = {}
-    real = phases.fit
-
-    def spy(**kwargs):
-        captured["start"] = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
-        final, selection = real(**kwargs)
-        captured["final"] = traverse_util.flatten_dict(jax.device_get(final.params))
-        return final, selection
-
-    monkeypatch.setattr(phases, "fit", spy)
+    captured = spy_on_fit(monkeypatch, phases)
     dense_dir = phases.upstream(config, tmp_path)
     assert dense_dir == tmp_path / "dense_model"
     start, final = captured["start"], captured["final"]

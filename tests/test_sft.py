@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 from config_fixtures import load_config
+from fit_fixtures import spy_on_fit
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, downstream, phases, sft
 from peftdebias_jax.errors import CheckpointError
-from peftdebias_jax.training import loop
 
 
 def test_top_k_takes_the_largest_moves_and_keeps_ties():
@@ -71,16 +71,7 @@ def test_diff_round_trips_exactly(tmp_path):
 
 def test_downstream_freezes_exactly_the_patched_entries(sft_run, monkeypatch):
     config, workdir = sft_run
-    captured = {}
-    real = loop.fit
-
-    def spy(**kwargs):
-        captured["start"] = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
-        final, selection = real(**kwargs)
-        captured["final"] = traverse_util.flatten_dict(jax.device_get(final.params))
-        return final, selection
-
-    monkeypatch.setattr(downstream, "fit", spy)
+    captured = spy_on_fit(monkeypatch, downstream)
     config.downstream.update(num_steps=4, learning_rate=1e-2)
     phases.downstream(config, workdir)
     _, changed = sft.load_sft_patch(
