@@ -177,19 +177,27 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+        self,
+        x: Array,
+        mask_bias: Array,
+        deterministic: bool,
+        states: Sequence = (),
+        rows: Array | None = None,
     ) -> Array:
+        """Attended states [B, S, H], or [B, P, H] with queries only at `rows` [B, P]."""
         cfg = self.config
         dtype = compute_dtype(cfg)
-        batch, length, _ = x.shape
+        batch = x.shape[0]
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
         prefix = f"{cfg.base_name}.encoder.layer.{self.layer_index}.attention.self"
 
-        def project(name: str) -> Array:
+        def project(name: str, inputs: Array) -> Array:
             dense = Dense(cfg.hidden_size, cfg, f"{prefix}.{name}", self.patches, name=name)
-            return dense(x, deterministic, states).reshape(batch, length, heads, head_dim)
+            out = dense(inputs, deterministic, states)
+            return out.reshape(batch, inputs.shape[1], heads, head_dim)
 
-        query, key, value = project("query"), project("key"), project("value")
+        queries = x if rows is None else gather_rows(x, rows)
+        query, key, value = project("query", queries), project("key", x), project("value", x)
         for patch, state in zip(self.patches, states, strict=True):
             kv = patch.key_value_prefix(
                 state, self.layer_index, batch, heads, head_dim, dtype, deterministic
@@ -205,7 +213,7 @@ class SelfAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-        return out.reshape(batch, length, cfg.hidden_size)
+        return out.reshape(batch, queries.shape[1], cfg.hidden_size)
 
 
 class ResidualOutput(nn.Module):
@@ -240,17 +248,23 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+        self,
+        x: Array,
+        mask_bias: Array,
+        deterministic: bool,
+        states: Sequence = (),
+        rows: Array | None = None,
     ) -> Array:
         cfg = self.config
         attended = SelfAttention(cfg, self.layer_index, self.patches, name="self")(
-            x, mask_bias, deterministic, states
+            x, mask_bias, deterministic, states, rows
         )
         path = f"{cfg.base_name}.encoder.layer.{self.layer_index}.attention.output"
         output = ResidualOutput(
             cfg, self.layer_index, ATTENTION_OUTPUT, path, self.patches, name="output"
         )
-        return output(attended, x, deterministic, states)
+        residual = x if rows is None else gather_rows(x, rows)
+        return output(attended, residual, deterministic, states)
 
 
 class Layer(nn.Module):
@@ -262,11 +276,19 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+        self,
+        x: Array,
+        mask_bias: Array,
+        deterministic: bool,
+        states: Sequence = (),
+        rows: Array | None = None,
     ) -> Array:
+        """[B, S, H] -> [B, S, H]; with `rows` [B, P], the block's output at those rows
+        only (everything after the attention scores is row-wise, so only the queries and
+        the rest of the block shrink; keys and values still cover every position)."""
         cfg = self.config
         x = Attention(cfg, self.layer_index, self.patches, name="attention")(
-            x, mask_bias, deterministic, states
+            x, mask_bias, deterministic, states, rows
         )
         path = f"{cfg.base_name}.encoder.layer.{self.layer_index}"
         hidden = Intermediate(cfg, f"{path}.intermediate", self.patches, name="intermediate")(
@@ -322,7 +344,11 @@ class Encoder(nn.Module):
         attention_mask: Array | None = None,
         token_type_ids: Array | None = None,
         deterministic: bool = True,
+        output_positions: Array | None = None,
     ) -> tuple[Array, Array | None]:
+        """States [B, S, H] at the real positions, or [B, P, H] at `output_positions`
+        [B, P] only: then the last block runs on those P rows (a head that reads a few
+        positions, e.g. [CLS] or the masked tokens, skips most of the last block's work)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -335,8 +361,12 @@ class Encoder(nn.Module):
         )
         mask_bias = additive_mask(attention_mask)
         stack = EncoderStack(cfg, self.patches, name="encoder")
-        x = stack(x, mask_bias, deterministic, states)
-        x = x[:, num_prompt:]
+        rows = None if output_positions is None else output_positions + num_prompt
+        x = stack(x, mask_bias, deterministic, states, rows)
+        if rows is None:
+            x = x[:, num_prompt:]
+        elif cfg.num_hidden_layers == 0:
+            x = gather_rows(x, rows)
         pooled = None
         if self.add_pooling_layer:
             pooled = Pooler(cfg, self.patches, name="pooler")(x, deterministic, states)
@@ -349,12 +379,23 @@ class EncoderStack(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask_bias: Array, deterministic: bool, states: Sequence = ()
+        self,
+        x: Array,
+        mask_bias: Array,
+        deterministic: bool,
+        states: Sequence = (),
+        rows: Array | None = None,
     ) -> Array:
+        last = self.config.num_hidden_layers - 1
         for i in range(self.config.num_hidden_layers):
             layer = Layer(self.config, i, self.patches, name=f"layer_{i}")
-            x = layer(x, mask_bias, deterministic, states)
+            x = layer(x, mask_bias, deterministic, states, rows if i == last else None)
         return x
+
+
+def gather_rows(x: Array, rows: Array) -> Array:
+    """x [B, S, H] at rows [B, P] -> [B, P, H]."""
+    return jnp.take_along_axis(x, rows[..., None], axis=1)
 
 
 def additive_mask(attention_mask: Array) -> Array:

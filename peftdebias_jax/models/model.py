@@ -57,7 +57,9 @@ class EncoderModel(nn.Module):
     ) -> Array | EncoderOutput:
         """`mlm_positions` [B, P] (head="mlm"): vocabulary logits [B, P, V] at those
         positions only, instead of [B, S, V] everywhere (scoring and masked-LM training
-        need a few positions; the decoder is the largest matmul of the model)."""
+        need a few positions; the decoder is the largest matmul of the model). Heads that
+        read a few positions (those, or the classifier's first token) run the last block
+        on those rows only: same outputs, a fraction of the last block's FLOPs."""
         cfg = self.config
         bert_classifier = self.head == "classifier" and cfg.model_type == "bert"
         encoder = Encoder(
@@ -66,12 +68,17 @@ class EncoderModel(nn.Module):
             patches=tuple(self.patches),
             name=cfg.base_name,
         )
-        hidden, pooled = encoder(input_ids, attention_mask, token_type_ids, deterministic)
+        positions = None  # the states the head reads; the last block runs only there
+        if self.head == "mlm":
+            positions = mlm_positions
+        elif self.head == "classifier":  # both classifier heads read the first token
+            positions = jnp.zeros((input_ids.shape[0], 1), jnp.int32)
+        hidden, pooled = encoder(
+            input_ids, attention_mask, token_type_ids, deterministic, positions
+        )
         if self.head == "none":
             return EncoderOutput(hidden, pooled)
         if self.head == "mlm":
-            if mlm_positions is not None:
-                hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
             table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
             if cfg.model_type == "roberta":
                 return RobertaLMHead(cfg, name="lm_head")(hidden, table)

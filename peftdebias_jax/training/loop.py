@@ -140,6 +140,8 @@ def fit(
         host = [(s, jax.device_get(runner.get_metrics(m))) for s, m in pending]
         for s, values in host:
             for key in ("loss", "grad_norm", "params_finite"):
+                if key not in values:  # params_finite: only custom steps report it
+                    continue
                 value = float(values[key])
                 if not math.isfinite(value) or (key == "params_finite" and value != 1.0):
                     kept = checkpoints.latest_step()
