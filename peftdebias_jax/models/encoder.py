@@ -365,8 +365,6 @@ class Encoder(nn.Module):
         x = stack(x, mask_bias, deterministic, states, rows)
         if rows is None:
             x = x[:, num_prompt:]
-        elif cfg.num_hidden_layers == 0:
-            x = gather_rows(x, rows)
         pooled = None
         if self.add_pooling_layer:
             pooled = Pooler(cfg, self.patches, name="pooler")(x, deterministic, states)
@@ -386,10 +384,13 @@ class EncoderStack(nn.Module):
         states: Sequence = (),
         rows: Array | None = None,
     ) -> Array:
-        last = self.config.num_hidden_layers - 1
-        for i in range(self.config.num_hidden_layers):
+        """[B, S, H], or [B, P, H] at `rows` [B, P] (the last block runs on those rows)."""
+        count = self.config.num_hidden_layers
+        if rows is not None and count == 0:
+            return gather_rows(x, rows)
+        for i in range(count):
             layer = Layer(self.config, i, self.patches, name=f"layer_{i}")
-            x = layer(x, mask_bias, deterministic, states, rows if i == last else None)
+            x = layer(x, mask_bias, deterministic, states, rows if i == count - 1 else None)
         return x
 
 
