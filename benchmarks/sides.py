@@ -2,7 +2,9 @@
 
 `python benchmarks/sides.py --side ours|reference --case CASE [shape flags]` builds the
 case, compiles/warms nothing by itself, then answers commands on stdin, one per line:
-"step" runs one step and prints {"seconds": ...}; "done" prints the peak memory and exits.
+"steps N" runs N training steps (ours: in one compiled call, as the training loop does with
+`steps_per_call`) and prints {"seconds": ...} per step; "done" prints the peak memory and
+exits.
 The first line it prints describes the case (trainable and optimizer-state bytes, the
 time the first step took, i.e. compile time for JAX). Each side lives in its own process
 so that its peak RSS is its own.
@@ -91,7 +93,7 @@ def crows_tokenizer(pairs, vocab: int):
 
 
 class Ours:
-    def __init__(self, case: str, shapes: Shapes, max_predictions: int) -> None:
+    def __init__(self, case: str, shapes: Shapes, max_predictions: int, slots: int) -> None:
         import jax
 
         from peftdebias_jax import masks, models, peft, phases
@@ -140,7 +142,8 @@ class Ours:
         else:
             weights = jax.numpy.ones((NUM_LABELS,), jax.numpy.float32)
             step = steps.make_classification_train_step(module, tx, label_tree, weights)
-        self.step_fn = self.runner.compile(step, f"{case} step")
+        self.step_fn = self.runner.compile_repeated(step, f"{case} step")
+        self.slots = slots
         sequences = list(random_ids(shapes, 0))
         labels = list(np.random.default_rng(1).integers(0, NUM_LABELS, len(sequences)))
         types = [np.zeros(shapes.seq, np.int32) for _ in sequences]
@@ -151,18 +154,22 @@ class Ours:
         self.state = self.runner.put_state(state)
         self.data_seconds: list[float] = []
 
-    def step(self) -> float:
+    def steps(self, count: int) -> float:
         start = time.perf_counter()
         if self.case == "crows":
             from peftdebias_jax.evaluation import intrinsic
 
-            intrinsic.crows_pairs(self.module, self.params, self.tokenizer, self.pairs, 64)
-            return time.perf_counter() - start
-        batch = self.runner.put_batch(self.batches.materialize(self.specs[0]))
-        self.data_seconds.append(time.perf_counter() - start)
-        self.state, metrics = self.step_fn(self.state, batch)
+            for _ in range(count):
+                intrinsic.crows_pairs(self.module, self.params, self.tokenizer, self.pairs, 64)
+            return (time.perf_counter() - start) / count
+        specs = [self.specs[i % len(self.specs)] for i in range(count)]
+        batches, counter = self.runner.put_batches(
+            [self.batches.materialize(spec) for spec in specs], self.slots
+        )
+        self.data_seconds.append((time.perf_counter() - start) / count)
+        self.state, metrics = self.step_fn(self.state, batches, counter)
         self.jax.block_until_ready(metrics["loss"])
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / count
 
     def memory(self) -> dict:
         out = {"peak_rss_mb": peak_rss_mb()}
@@ -265,6 +272,9 @@ class Reference:
                         logits = self.model(input_ids=masked).logits
                         torch.log_softmax(logits[0, position], -1)[ids[position]].item()
 
+    def steps(self, count: int) -> float:
+        return sum(self.step() for _ in range(count)) / count
+
     def step(self) -> float:
         start = time.perf_counter()
         if self.case == "crows":
@@ -297,21 +307,22 @@ def main() -> None:
     parser.add_argument("--side", choices=("ours", "reference"), required=True)
     parser.add_argument("--case", choices=CASES, required=True)
     parser.add_argument("--max-predictions", type=int, default=-1)
+    parser.add_argument("--steps-per-call", type=int, default=1)
     for name in Shapes.__dataclass_fields__:
         kind = str if name == "dtype" else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, required=True)
     args = parser.parse_args()
     shapes = Shapes(**{k: getattr(args, k) for k in Shapes.__dataclass_fields__})
     sys.path.insert(0, str(ROOT))
-    side = (Ours(args.case, shapes, args.max_predictions) if args.side == "ours"
-            else Reference(args.case, shapes))  # fmt: skip
-    first = side.step()  # compile (JAX) / allocate (torch)
+    side = (Ours(args.case, shapes, args.max_predictions, args.steps_per_call)
+            if args.side == "ours" else Reference(args.case, shapes))  # fmt: skip
+    first = side.steps(1)  # compile (JAX; the same program runs any count) / allocate (torch)
     emit({"ready": True, "first_step_s": first, "trainable": side.trainable,
           "optimizer_state_bytes": side.opt_bytes})  # fmt: skip
     for line in sys.stdin:
-        command = line.strip()
-        if command == "step":
-            emit({"seconds": side.step()})
+        command, *count = line.split()
+        if command == "steps":
+            emit({"seconds": side.steps(int(count[0]))})
         elif command == "done":
             emit(side.memory())
             return

@@ -107,6 +107,10 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.eval_every = 1_000
     config.upstream.log_every = 50
     config.upstream.checkpoint_every = 1_000
+    # steps per compiled call: one dispatch and one XLA scratch allocation for that many steps
+    # (on CPU each call page-faults its 1-2 GB scratch in again); calls stop at log, eval and
+    # checkpoint steps, so results are the same for any value
+    config.upstream.steps_per_call = 10
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
     config.upstream.dense = False  # True: no patch, the whole encoder trains (Full-Debias)
     config.upstream.l1 = 0.0  # L1 pull towards the pre-trained weights (0.1 for dense/SFT)
@@ -134,6 +138,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.eval_every = 5_000 if gender else 1_000
     config.downstream.log_every = 50
     config.downstream.checkpoint_every = 1_000
+    config.downstream.steps_per_call = 10  # as config.upstream.steps_per_call
     config.downstream.class_weights = True  # GHC 10, Stormfront 6.7 for the hate class
     # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
     config.downstream.freeze_layernorm = True

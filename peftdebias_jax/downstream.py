@@ -284,7 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     state = TrainState.create(params, tx, config.seed)
     weights = [task.class_weights.get(name, 1.0) if dn.class_weights else 1.0 for name in labels]
     runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")
-    train_step = runner.compile(
+    train_step = runner.compile_repeated(
         steps.make_classification_train_step(
             module,
             tx,
@@ -328,6 +328,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         eval_every=dn.eval_every,
         log_every=dn.log_every,
         checkpoint_every=dn.checkpoint_every,
+        steps_per_call=dn.steps_per_call,
+        source="config.downstream",
         name="downstream",
     )
     final, selection = fit(

@@ -211,7 +211,7 @@ def train_mlm(
         vocab_size=len(tokenizer),
         rate=up.mlm_probability,
     )
-    train_step = runner.compile(
+    train_step = runner.compile_repeated(
         steps.make_mlm_train_step(
             module,
             tx,
@@ -246,6 +246,8 @@ def train_mlm(
         eval_every=up.eval_every,
         log_every=up.log_every,
         checkpoint_every=up.checkpoint_every,
+        steps_per_call=up.steps_per_call,
+        source="config.upstream",
         name=name,
     )
     return fit(

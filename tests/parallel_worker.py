@@ -21,9 +21,17 @@ def run(mode: str, workdir: Path, name: str) -> dict:
     config.model.architecture.hidden_dropout_prob = 0.0  # pmap draws dropout per device
     config.model.architecture.attention_probs_dropout_prob = 0.0
     config.upstream.update(
-        num_steps=5, batch_size=8, learning_rate=1e-2, eval_every=5, synthetic_size=60
+        num_steps=5,
+        batch_size=8,
+        learning_rate=1e-2,
+        eval_every=5,
+        synthetic_size=60,
+        log_every=5,
+        checkpoint_every=5,
+        steps_per_call=4,  # calls of 4 and 1 steps
     )
-    config.downstream.update(num_steps=4, batch_size=8, learning_rate=1e-3, eval_every=2)
+    config.downstream.update(num_steps=4, batch_size=8, learning_rate=1e-3, eval_every=2,
+                             log_every=4, checkpoint_every=4, steps_per_call=4)  # fmt: skip
     config.parallel.mode = mode
     phases.upstream(config, workdir / mode)
     phases.downstream(config, workdir / mode)
@@ -36,12 +44,31 @@ def run(mode: str, workdir: Path, name: str) -> dict:
     return flat
 
 
+def donation_reuses_buffers(mode: str) -> bool:
+    """put_state's buffers are donatable: a donated step writes its outputs into them, and
+    the caller's arrays (a device array and a numpy view of one) stay valid."""
+    runner = parallel.Runner(mode, 8)
+    state = {"a": jax.numpy.ones((64, 64)), "b": np.asarray(jax.device_get(jax.numpy.ones(8)))}
+    placed = runner.put_state(state)
+    step = runner.compile(lambda s, b: (jax.tree_util.tree_map(lambda x: x + 1, s), {}), mode)
+
+    def pointers(tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [s.data.unsafe_buffer_pointer() for x in leaves for s in x.addressable_shards]
+
+    before = pointers(placed)
+    updated, _ = step(placed, runner.put_batch({"input_ids": np.ones((8, 2), np.int32)}))
+    assert float(state["a"][0, 0]) == float(state["b"][0]) == 1.0
+    return pointers(updated) == before
+
+
 def main() -> None:
     workdir, name = Path(sys.argv[1]), sys.argv[2]
     assert jax.device_count() == 4, jax.devices()
     assert parallel.resolve_mode("auto") == "jit"
     reference = run("single", workdir, name)
     report = {"devices": jax.device_count()}
+    report["donates"] = {m: donation_reuses_buffers(m) for m in ("single", "jit", "pmap")}
     for mode in ("jit", "pmap"):
         other = run(mode, workdir, name)
         assert other.keys() == reference.keys()

@@ -1,4 +1,5 @@
-"""With 4 host devices, sharded jit and pmap train to the same patch as one device."""
+"""With 4 host devices, sharded jit and pmap train to the same patch as one device, and
+every mode's placed train state is donated (its buffers reused) by the steps."""
 
 import json
 import os
@@ -28,6 +29,7 @@ def test_sharded_jit_and_pmap_match_single_device(tmp_path, config):
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     report = json.loads(line[len("RESULT ") :])
     assert report["devices"] == 4
+    assert report["donates"] == {"single": True, "jit": True, "pmap": True}
     assert report["jit"] <= 1e-5, report
     assert report["pmap"] <= 1e-5, report
     if report["jit_moved"] is not None:

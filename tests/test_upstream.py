@@ -77,8 +77,10 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
-    settings = dict(num_steps=8, learning_rate=1e-2, eval_every=4, checkpoint_every=2)
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch, steps_per_call):
+    settings = dict(num_steps=8, learning_rate=1e-2, eval_every=4, checkpoint_every=2,
+                    log_every=4, steps_per_call=steps_per_call)  # fmt: skip
     phases.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
 
     real_stream = pipeline.Batches.stream
@@ -121,7 +123,9 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         return run
 
     monkeypatch.setattr(steps, "make_mlm_train_step", poisoned)
-    config = smoke(tmp_path, num_steps=10, eval_every=100, checkpoint_every=2)
+    # calls of 2 steps (checkpoints every 2) from a program of 4: step 5 is inside a call
+    config = smoke(tmp_path, num_steps=10, eval_every=100, checkpoint_every=2, log_every=10,
+                   steps_per_call=4)  # fmt: skip
     with pytest.raises(loop.TrainingDiverged, match=r"at step 5.*checkpoint \(step 4\)"):
         phases.upstream(config, tmp_path)
     assert checkpoint.TrainCheckpoints(tmp_path / "checkpoints/upstream").latest_step() == 4

@@ -3,7 +3,8 @@
 Resumes from the latest checkpoint in the workdir (same batches, same randomness), logs
 loss and throughput every `log_every` steps (metrics stay on the device in between),
 evaluates every `eval_every` steps, keeps the best step by a chosen metric (calling
-`on_best`, e.g. to save the patch), checkpoints every `checkpoint_every` steps and stops
+`on_best`, e.g. to save the patch), checkpoints every `checkpoint_every` steps, runs up to
+`steps_per_call` steps in one compiled call (stopping at each of those steps), and stops
 with an error naming the step if the loss or gradient norm stops being finite; the last
 checkpoint saved before that is kept.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from peftdebias_jax import masks
 from peftdebias_jax.checkpoint import TrainCheckpoints
 from peftdebias_jax.data.pipeline import Batches
-from peftdebias_jax.errors import PeftDebiasError
+from peftdebias_jax.errors import ConfigError, PeftDebiasError
 from peftdebias_jax.training.parallel import Runner
 from peftdebias_jax.training.progress import Progress
 from peftdebias_jax.training.state import TrainState
@@ -64,7 +65,18 @@ class FitSettings:
     log_every: int = 10
     checkpoint_every: int = 1000
     name: str = "train"
+    steps_per_call: int = 1  # steps run by one compiled call (steps.repeated)
     extra_record: dict[str, Any] = field(default_factory=dict)
+    source: str = "settings"  # where the values come from, for errors: "config.upstream"
+
+    def __post_init__(self) -> None:
+        for key in ("eval_every", "log_every", "checkpoint_every", "steps_per_call"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(
+                    f"{self.source}.{key} must be a positive integer, got {value!r} "
+                    f"({self.name} training)"
+                )
 
 
 class MetricsLog:
@@ -94,6 +106,13 @@ def restore_into(state: TrainState, tree: dict[str, Any], label_tree: Any) -> Tr
     )
 
 
+def steps_until_boundary(done: int, periods: list[int], settings: FitSettings) -> int:
+    """Steps the next call runs: up to `steps_per_call`, never past a step that logs,
+    evaluates or checkpoints, nor past the last one."""
+    following = [(done // p + 1) * p for p in periods] + [settings.num_steps]
+    return min(settings.steps_per_call, min(following) - done)
+
+
 def fit(
     *,
     state: TrainState,
@@ -108,7 +127,8 @@ def fit(
     selection: Selection | None = None,
     on_best: Callable[[TrainState, int, dict[str, float]], None] | None = None,
 ) -> tuple[TrainState, Selection | None]:
-    """Trains to `settings.num_steps`, resuming from `checkpoint_dir` if it holds a checkpoint."""
+    """Trains to `settings.num_steps`, resuming from `checkpoint_dir` if it holds a checkpoint.
+    `train_step` is a `Runner.compile_repeated` step: it runs up to `steps_per_call` steps."""
     checkpoints = TrainCheckpoints(checkpoint_dir)
     metrics_log = MetricsLog(metrics_path)
     epoch = index = 0
@@ -130,14 +150,17 @@ def fit(
     device_state = runner.put_state(state)
     stream = batches.stream(epoch, index)
     progress = Progress(settings.num_steps, start, settings.name)
-    pending: list[tuple[int, Any]] = []
+    pending: list[tuple[int, int, Any]] = []  # (first step, count, stacked metrics)
     last_flush = time.perf_counter()
 
     def flush(done: int) -> None:
         nonlocal last_flush
         if not pending:
             return
-        host = [(s, jax.device_get(runner.get_metrics(m))) for s, m in pending]
+        host = []  # (step, its metrics) for every step since the last flush
+        for first, count, metrics in pending:
+            values = jax.device_get(runner.get_metrics(metrics))
+            host += [(first + i, {k: v[i] for k, v in values.items()}) for i in range(count)]
         for s, values in host:
             for key in ("loss", "grad_norm", "params_finite"):
                 if key not in values:  # params_finite: only custom steps report it
@@ -165,13 +188,20 @@ def fit(
         progress.update(done, len(host) * runner.batch_size, loss=loss)
         pending.clear()
 
+    periods = [settings.log_every, settings.checkpoint_every]
+    periods += [settings.eval_every] if evaluate is not None else []
+    done = start
     try:
-        for step in range(start, settings.num_steps):
-            epoch, index, spec = next(stream)
-            batch = runner.put_batch(batches.materialize(spec, runner.local_rows()))
-            device_state, metrics = train_step(device_state, batch)
-            done = step + 1
-            pending.append((done, metrics))
+        while done < settings.num_steps:
+            count = steps_until_boundary(done, periods, settings)
+            chunk = [next(stream) for _ in range(count)]
+            epoch, index = chunk[-1][0], chunk[-1][1]
+            rows = runner.local_rows()
+            batch_list = [batches.materialize(spec, rows) for _, _, spec in chunk]
+            stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
+            device_state, metrics = train_step(device_state, stacked, counter)
+            pending.append((done + 1, count, metrics))
+            done += count
             last = done == settings.num_steps
             if done % settings.log_every == 0 or last:
                 flush(done)

@@ -252,3 +252,30 @@ def make_predict_step(module):
         ).astype(jnp.float32)
 
     return step
+
+
+def repeated(step):
+    """`step(state, batch)` as `run(state, batches, count)`: the first `count` of the stacked
+    batches (leaves [K, ...]) applied in order within one compiled call; metrics come back
+    stacked [K] (entries past `count` are zeros). One program serves every count <= K, and
+    K steps share one dispatch and one scratch allocation: on CPU XLA maps a fresh scratch
+    block (1.3-1.6 GB at BERT-base shapes) for every call and page-faults it in again."""
+
+    def run(state: TrainState, batches, count: jax.Array):
+        first = jax.tree_util.tree_map(lambda x: x[0], batches)
+        shapes = jax.eval_shape(step, state, first)[1]
+        slots = jax.tree_util.tree_leaves(batches)[0].shape[0]
+        stacked = jax.tree_util.tree_map(lambda s: jnp.zeros((slots, *s.shape), s.dtype), shapes)
+
+        def body(i, carry):
+            state, stacked = carry
+            batch = jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches
+            )
+            state, metrics = step(state, batch)
+            stacked = jax.tree_util.tree_map(lambda buf, v: buf.at[i].set(v), stacked, metrics)
+            return state, stacked
+
+        return jax.lax.fori_loop(0, count, body, (state, stacked))
+
+    return run

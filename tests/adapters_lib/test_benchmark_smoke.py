@@ -13,7 +13,7 @@ def test_quick_benchmark_writes_both_sides(tmp_path):
     import bench
 
     record = bench.main(["--quick", "--cases", "upstream_lora", "downstream_ft", "crows",
-                         "--steps", "2", "--out", str(tmp_path)])  # fmt: skip
+                         "--calls", "2", "--out", str(tmp_path)])  # fmt: skip
     (written,) = tmp_path.glob("*-quick.json")
     assert json.loads(written.read_text())["cases"].keys() == record["cases"].keys()
     for case, result in record["cases"].items():
