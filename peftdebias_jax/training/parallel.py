@@ -128,15 +128,7 @@ class Runner:
         return state
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
-        if self.mode == "single":
-            return jax.device_put(batch, self.devices[0])
-        if self.mode == "jit":
-            return {
-                k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()
-            }
-        n = jax.local_device_count()
-        shards = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
-        return jax.device_put(shards, self.sharded)
+        return self._place_rows(batch, 0)
 
     def put_batches(self, batches: list[dict[str, np.ndarray]], slots: int) -> tuple[Any, Any]:
         """(stacked batches, count) for a `compile_repeated` step: the batches stacked along a
@@ -144,21 +136,29 @@ class Runner:
         if not 0 < len(batches) <= slots:
             raise ValueError(f"{len(batches)} batches for {slots} slots")
         padded = batches + [batches[-1]] * (slots - len(batches))
-        count = np.int32(len(batches))
-        if self.mode == "pmap":  # [devices, slots, rows per device, ...]
-            n = jax.local_device_count()
-            stacked = {
-                k: np.stack([b[k].reshape(n, -1, *b[k].shape[1:]) for b in padded], axis=1)
-                for k in batches[0]
-            }
-            return jax.device_put(stacked, self.sharded), jax.device_put(np.full(n, count))
         stacked = {k: np.stack([b[k] for b in padded]) for k in batches[0]}
+        rows, count = self._place_rows(stacked, 1), np.int32(len(batches))
+        if self.mode == "pmap":  # one count per device
+            return rows, jax.device_put(np.full(jax.local_device_count(), count), self.sharded)
+        target = self.devices[0] if self.mode == "single" else self.replicated
+        return rows, jax.device_put(count, target)
+
+    def _place_rows(self, arrays: dict[str, np.ndarray], axis: int) -> Any:
+        """Host arrays on the devices, split across them along their batch-row `axis` (jit:
+        sharded along it; pmap: a leading device axis, rows split per device)."""
         if self.mode == "single":
-            return jax.device_put((stacked, count), self.devices[0])
-        arrays = {
-            k: jax.make_array_from_process_local_data(self.stacked, v) for k, v in stacked.items()
+            return jax.device_put(arrays, self.devices[0])
+        if self.mode == "jit":
+            sharding = self.sharded if axis == 0 else self.stacked
+            return {
+                k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()
+            }
+        n = jax.local_device_count()
+        shards = {
+            k: np.moveaxis(v.reshape(*v.shape[:axis], n, -1, *v.shape[axis + 1 :]), axis, 0)
+            for k, v in arrays.items()
         }
-        return arrays, jax.device_put(count, self.replicated)
+        return jax.device_put(shards, self.sharded)
 
     def gather_rows(self, outputs: Any) -> Any:
         """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices)."""
