@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from peftdebias_jax import phases, report
+from peftdebias_jax.training import memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/race_adapter.py:demo"
@@ -24,6 +25,7 @@ _COMPARE = flags.DEFINE_bool(
 
 
 def main(argv: list[str]) -> None:
+    memory.configure_xla_flags()  # before JAX starts its back end
     logging.set_verbosity(logging.INFO)
     for noisy in ("absl", "jax", "orbax", "matplotlib"):  # Orbax logs every file it writes
         std_logging.getLogger(noisy).setLevel(std_logging.WARNING)

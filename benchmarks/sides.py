@@ -314,6 +314,10 @@ def main() -> None:
     args = parser.parse_args()
     shapes = Shapes(**{k: getattr(args, k) for k in Shapes.__dataclass_fields__})
     sys.path.insert(0, str(ROOT))
+    if args.side == "ours":  # the XLA flags run.py sets, before JAX starts its back end
+        from peftdebias_jax.training import memory
+
+        memory.configure_xla_flags()
     side = (Ours(args.case, shapes, args.max_predictions, args.steps_per_call)
             if args.side == "ours" else Reference(args.case, shapes))  # fmt: skip
     first = side.steps(1)  # compile (JAX; the same program runs any count) / allocate (torch)

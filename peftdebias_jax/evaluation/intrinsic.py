@@ -28,6 +28,7 @@ import numpy as np
 from peftdebias_jax.data.pipeline import bucket_lengths
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.files import read_json
+from peftdebias_jax.training import memory
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -39,6 +40,9 @@ def masked_log_probs(module, params, ids, attention, positions, targets) -> jax.
     return jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
 
 
+_PROGRAMS: dict[tuple, Any] = {}  # MaskedScorer.score's compiled programs
+
+
 class MaskedScorer:
     """log p(target | sequence with `position` masked) for many requests at once."""
 
@@ -46,7 +50,17 @@ class MaskedScorer:
         self.module, self.params, self.batch_size = module, params, batch_size
         self.mask_id, self.pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
         self.max_len = max_len
-        self.score = functools.partial(masked_log_probs, module)
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        self.signature = (module, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+
+    def score(self, *args: np.ndarray) -> jax.Array:
+        """`masked_log_probs` compiled ahead per (module, parameters, batch shape): one
+        program serves every scoring run of them (base, base + patch, benchmarks)."""
+        key = (*self.signature, args[0].shape)
+        executable = memory.compiled_ahead(
+            masked_log_probs, _PROGRAMS, key, self.module, self.params, *args
+        )
+        return executable(self.params, *args)
 
     def log_probs(self, requests: Sequence[tuple[Sequence[int], int, int]]) -> np.ndarray:
         """requests: (token ids, position to mask, target id) -> log-probabilities."""
@@ -72,7 +86,7 @@ class MaskedScorer:
                     attention[row, : len(seq)] = 1
                     positions[row], targets[row] = position, target
                 attention[rows:, 0] = 1  # filler rows: one attended token, ignored
-                scores = self.score(self.params, ids, attention, positions, targets)
+                scores = self.score(ids, attention, positions, targets)
                 out[chunk] = np.asarray(scores)[:rows]
         return out
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from peftdebias_jax.errors import ConfigError
-from peftdebias_jax.training import steps
+from peftdebias_jax.training import memory, steps
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "single", "jit", "pmap")
@@ -96,13 +96,18 @@ class Runner:
         else:
             compiled = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
 
+        executables: dict[tuple, Any] = {}
+
         def run(state, batch, *rest):
             shape = tuple(batch["input_ids"].shape)
-            seen = self.shapes.setdefault(name, set())
-            if shape not in seen:
+            if shape not in executables:
+                seen = self.shapes.setdefault(name, set())
                 seen.add(shape)
                 log.info("compiling %s for batch shape %s (compile #%d)", name, shape, len(seen))
-            return compiled(state, batch, *rest)
+            executable = memory.compiled_ahead(
+                compiled, executables, shape, state, batch, *rest, drop_caches=repeated
+            )  # a train step (repeated) is the job's big one: one-off programs dropped first
+            return executable(state, batch, *rest)
 
         return run
 
