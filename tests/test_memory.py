@@ -44,3 +44,11 @@ def test_release_host_memory_returns_freed_heap_to_the_os():
     after = resident_mb()
     assert before - after > 100, (before, after)
     del pins
+
+
+def test_tree_bytes_counts_array_leaves():
+    import jax.numpy as jnp
+    import numpy as np
+
+    tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [np.zeros(3, np.int8)], "c": None}
+    assert memory.tree_bytes(tree) == 4 * 8 * 4 + 3

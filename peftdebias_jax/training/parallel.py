@@ -100,13 +100,16 @@ class Runner:
 
         def run(state, batch, *rest):
             shape = tuple(batch["input_ids"].shape)
+            big = False
             if shape not in executables:
                 seen = self.shapes.setdefault(name, set())
                 seen.add(shape)
                 log.info("compiling %s for batch shape %s (compile #%d)", name, shape, len(seen))
+                # a big train step: one-off programs (init, loading) are dropped before it
+                big = repeated and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
             executable = memory.compiled_ahead(
-                compiled, executables, shape, state, batch, *rest, drop_caches=repeated
-            )  # a train step (repeated) is the job's big one: one-off programs dropped first
+                compiled, executables, shape, state, batch, *rest, drop_caches=big
+            )
             return executable(state, batch, *rest)
 
         return run
