@@ -98,7 +98,7 @@ class Ours:
 
         from peftdebias_jax import masks, models, peft, phases
         from peftdebias_jax.data import pipeline
-        from peftdebias_jax.training import parallel, steps
+        from peftdebias_jax.training import memory, parallel, steps
         from peftdebias_jax.training.state import TrainState, adamw
 
         self.jax, self.case, self.shapes = jax, case, shapes
@@ -132,7 +132,7 @@ class Ours:
         self.trainable = masks.counts(params, label_tree)[0]
         tx = masks.optimizer(adamw(1e-4, 10_000, 1.0), label_tree)
         state = TrainState.create(params, tx, 0)
-        self.opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.opt_state))
+        self.opt_bytes = memory.tree_bytes(state.opt_state)
         self.runner = parallel.Runner("single", shapes.batch, "batch")
         if head == "mlm":
             masking = steps.MaskingConfig(special_ids=(0, 100, 101, 102, 103), mask_id=103,

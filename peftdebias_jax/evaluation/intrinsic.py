@@ -33,8 +33,8 @@ from peftdebias_jax.training import memory
 
 @functools.partial(jax.jit, static_argnums=0)
 def masked_log_probs(module, params, ids, attention, positions, targets) -> jax.Array:
-    """log p(targets) at one masked position per row; compiled once per (module, shape),
-    so repeated scoring runs (base, base + patch, benchmarks) reuse the programs."""
+    """log p(targets) at one masked position per row (`MaskedScorer.score` compiles it
+    ahead, once per module, parameters and batch shape)."""
     logits = module.apply({"params": params}, ids, attention, mlm_positions=positions[:, None])
     log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]

@@ -51,7 +51,6 @@ class Runner:
                 f"{self.mode!r}"
             )
         self.batch_size = batch_size
-        self.shapes: dict[str, set] = {}
         if self.mode in ("jit", "pmap"):
             devices = self.devices if self.mode == "jit" else jax.local_devices()
             self.mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -102,9 +101,8 @@ class Runner:
             shape = tuple(batch["input_ids"].shape)
             big = False
             if shape not in executables:
-                seen = self.shapes.setdefault(name, set())
-                seen.add(shape)
-                log.info("compiling %s for batch shape %s (compile #%d)", name, shape, len(seen))
+                count = len(executables) + 1
+                log.info("compiling %s for batch shape %s (compile #%d)", name, shape, count)
                 # a big train step: one-off programs (init, loading) are dropped before it
                 big = repeated and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
             executable = memory.compiled_ahead(
