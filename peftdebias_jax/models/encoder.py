@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 
 Array = jax.Array
@@ -149,7 +150,7 @@ class Embeddings(nn.Module):
         )(token_type_ids)
         x = words + token_types.astype(dtype) + positions.astype(dtype)
         x = layer_norm(cfg, "LayerNorm")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return x, attention_mask, num_prompt
 
     def position_ids(self, input_ids: Array, num_prompt: int) -> Array:
@@ -211,7 +212,7 @@ class SelfAttention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * (1.0 / math.sqrt(head_dim))
         scores = scores.astype(jnp.float32) + mask_bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
         return out.reshape(batch, queries.shape[1], cfg.hidden_size)
 
@@ -232,7 +233,7 @@ class ResidualOutput(nn.Module):
         cfg = self.config
         dense = Dense(cfg.hidden_size, cfg, f"{self.hf_path}.dense", self.patches, name="dense")
         hidden = dense(hidden, deterministic, states)
-        hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+        hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
         norm = layer_norm(cfg, "LayerNorm")
         for patch, state in zip(self.patches, states, strict=True):
             hidden = patch.adapt_sublayer(

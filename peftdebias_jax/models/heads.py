@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import Dense, activation, compute_dtype, layer_norm
 
 Array = jax.Array
@@ -94,7 +95,7 @@ class RobertaClassificationHead(nn.Module):
         cfg = self.config
         rate = cfg.classifier_dropout
         rate = cfg.hidden_dropout_prob if rate is None else rate
-        x = nn.Dropout(rate)(hidden[:, 0], deterministic=deterministic)
+        x = Dropout(rate)(hidden[:, 0], deterministic=deterministic)
         x = jnp.tanh(Dense(cfg.hidden_size, cfg, "classifier.dense", name="dense")(x))
-        x = nn.Dropout(rate)(x, deterministic=deterministic)
+        x = Dropout(rate)(x, deterministic=deterministic)
         return Dense(self.num_labels, cfg, "classifier.out_proj", name="out_proj")(x)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from peftdebias_jax.models.config import EncoderConfig
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import Dense, Encoder
 from peftdebias_jax.models.heads import BertOnlyMLMHead, RobertaClassificationHead, RobertaLMHead
 from peftdebias_jax.models.seams import Patch
@@ -87,7 +88,7 @@ class EncoderModel(nn.Module):
             head = RobertaClassificationHead(cfg, self.num_labels, name="classifier")
             return head(hidden, deterministic)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = Dropout(rate)(pooled, deterministic=deterministic)
         return Dense(self.num_labels, cfg, "classifier", name="classifier")(pooled)
 
     def dummy_inputs(self, batch: int = 1, length: int = 8) -> tuple[Array, Array]:

@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 from peftdebias_jax.peft.init import torch_linear_kernel
@@ -46,7 +47,7 @@ class Bottleneck(nn.Module):
         down = ACTIVATIONS[self.non_linearity](down)
         up = nn.Dense(hidden, dtype=x.dtype, kernel_init=up_init, name="up")(down)
         up = up * self.scaling
-        return nn.Dropout(self.dropout)(up, deterministic=deterministic)
+        return Dropout(self.dropout)(up, deterministic=deterministic)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.peft.init import torch_linear_kernel
 
@@ -26,7 +27,7 @@ class LoRADelta(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         a = self.param("lora_A", torch_linear_kernel(), (x.shape[-1], self.r), jnp.float32)
         b = self.param("lora_B", nn.initializers.zeros, (self.r, self.features), jnp.float32)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = Dropout(self.dropout)(x, deterministic=deterministic)
         return (x @ a.astype(x.dtype) @ b.astype(x.dtype)) * self.scaling
 
 

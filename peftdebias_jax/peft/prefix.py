@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.peft.init import torch_linear_bias, torch_linear_kernel
@@ -88,7 +89,7 @@ class PrefixTuning(Patch):
         shape = (batch_size, self.prefix_length, num_heads, head_dim)
         keys = jnp.broadcast_to(state[:, 2 * layer_index].astype(dtype), shape)
         values = jnp.broadcast_to(state[:, 2 * layer_index + 1].astype(dtype), shape)
-        drop = nn.Dropout(self.dropout)
+        drop = Dropout(self.dropout)
         return drop(keys, deterministic=deterministic), drop(values, deterministic=deterministic)
 
     @property

@@ -1,0 +1,65 @@
+"""Dropout whose keep-masks hash a counter under a per-call seed instead of drawing threefry
+bits for every element.
+
+Why: on CPU, threefry bits for BERT-base's dropout masks (batch 8 x 128) cost about 450 ms
+of a 4 s train step; the hash costs about 25 ms and fuses into the ops that use the mask.
+Each call still draws its 64-bit seed from its own threefry key (Flax's `make_rng`), and the
+keep probability is exact to 2**-32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def _mix(x: Array) -> Array:
+    """A bijective 32-bit integer hash with low bias (xor-shift / odd-multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
+    """Boolean mask, True with probability 1 - rate, independently per element.
+
+    Element i gets the bits mix(mix(i ^ s0) + s1), where (s0, s1) is drawn from `key`: a
+    bijection of the counter for every seed, so no two elements of one call share bits.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"dropout rate must lie in [0, 1], got {rate}")
+    size = 1
+    for dim in shape:
+        size *= dim
+    if size >= 2**32:
+        raise ValueError(f"dropout over {size} elements needs more than a 32-bit counter")
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    counter = lax.iota(jnp.uint32, size).reshape(shape)
+    bits = _mix(_mix(counter ^ seeds[0]) + seeds[1])
+    threshold = round((1.0 - rate) * 2**32)
+    if threshold >= 2**32:
+        return jnp.ones(shape, bool)
+    return bits < jnp.uint32(threshold)
+
+
+class Dropout(nn.Module):
+    """`flax.linen.Dropout`'s interface and scaling, with masks from `keep_mask`."""
+
+    rate: float
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep = keep_mask(self.make_rng(self.rng_collection), self.rate, inputs.shape)
+        scaled = inputs / jnp.asarray(1.0 - self.rate, inputs.dtype)
+        return lax.select(keep, scaled, jnp.zeros_like(inputs))
