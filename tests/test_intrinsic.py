@@ -61,6 +61,27 @@ def test_batched_crows_equals_a_plain_loop(tiny_mlm):
     assert result.score == round(100 * successes / evaluated, 2)
 
 
+def test_token_cap_splits_long_buckets_without_changing_scores(tiny_mlm):
+    """A cap on tokens per call (the CPU default) only changes how rows are grouped."""
+    module, params, tokenizer = tiny_mlm
+    pairs = intrinsic.load_crows(CROWS)[:40]
+    requests = []
+    for pair in pairs:
+        ids = tokenizer(pair.sent_more)["input_ids"]
+        requests += [(ids, u, ids[u]) for u in range(1, len(ids) - 1)]
+    capped = intrinsic.MaskedScorer(module, params, tokenizer, 32, max_tokens=64)
+    assert [capped.rows_per_call(n) for n in (8, 16, 32, 64, 128)] == [8, 4, 2, 1, 1]
+    assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(capped.params))
+    uncapped = intrinsic.MaskedScorer(module, params, tokenizer, 32, max_tokens=None)
+    if jax.default_backend() == "cpu":
+        assert uncapped.max_tokens == intrinsic.CPU_TOKENS
+    uncapped.max_tokens = None
+    assert uncapped.rows_per_call(128) == 32
+    np.testing.assert_allclose(
+        capped.log_probs(requests), uncapped.log_probs(requests), rtol=0, atol=1e-5
+    )
+
+
 def test_all_crows_pairs_and_bias_type_filter(tiny_mlm):
     module, params, tokenizer = tiny_mlm
     everything = intrinsic.load_crows(CROWS)
