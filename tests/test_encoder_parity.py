@@ -147,3 +147,29 @@ def test_padding_does_not_change_real_positions(tmp_path):
     np.testing.assert_allclose(
         np.asarray(long.last_hidden_state[:, :5]), np.asarray(short.last_hidden_state), atol=1e-5
     )
+
+
+def test_loading_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatch):
+    """The base weights come from the file; only the MLM head and the patch are drawn, the
+    same values as a full initialisation with that seed (up to float rounding)."""
+    from peftdebias_jax import peft
+    from peftdebias_jax.models import model as model_lib
+    from peftdebias_jax.models.weights import leaf_paths
+
+    save_model(transformers.BertModel, tiny_config("bert"), tmp_path)
+    requested = []
+    real = model_lib.init_leaves
+
+    def spy(module, rng, paths):
+        requested.extend(paths)
+        return real(module, rng, paths)
+
+    monkeypatch.setattr(models.pretrained, "init_leaves", spy)
+    patches = {"d": peft.PatchConfig("lora")}
+    module, params = models.from_pretrained(tmp_path, head="mlm", patches=patches, seed=5)
+    drawn = {path for path, _ in leaf_paths(params) if path[0] == "cls" or "lora_d" in path}
+    assert set(requested) == drawn and drawn
+    full = dict(leaf_paths(model_lib.init_params(module, jax.random.key(5))))
+    for path in requested:
+        got = np.asarray(dict(leaf_paths(params))[path])
+        np.testing.assert_allclose(got, np.asarray(full[path]), atol=1e-6, rtol=0)

@@ -103,6 +103,29 @@ def init_params(module: EncoderModel, rng: jax.Array) -> dict:
     return module.init(rng, ids, mask)["params"]
 
 
+def init_leaves(
+    module: EncoderModel, rng: jax.Array, paths: Sequence[tuple[str, ...]]
+) -> dict[tuple[str, ...], jax.Array]:
+    """The leaves at `paths` of `init_params(module, rng)`, computing only those: one
+    compiled program whose other outputs XLA drops. Loading a checkpoint then never holds
+    a second, random copy of the weights it replaces."""
+    if not paths:
+        return {}
+    ids, mask = module.dummy_inputs()
+
+    def pick(key: jax.Array) -> list[jax.Array]:
+        params = module.init(key, ids, mask)["params"]
+        out = []
+        for path in paths:
+            leaf = params
+            for name in path:
+                leaf = leaf[name]
+            out.append(leaf)
+        return out
+
+    return dict(zip(paths, jax.jit(pick)(rng), strict=True))
+
+
 def abstract_params(module: EncoderModel) -> dict:
     """Shapes and dtypes of the parameters, without allocating them."""
     ids, mask = module.dummy_inputs()

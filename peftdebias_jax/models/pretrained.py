@@ -16,7 +16,7 @@ from peftdebias_jax.errors import CheckpointError, ConfigError
 from peftdebias_jax.files import staged_directory
 from peftdebias_jax.models.checkpoint_files import find_weights, read_weights
 from peftdebias_jax.models.config import EncoderConfig, read_config_json
-from peftdebias_jax.models.model import EncoderModel, abstract_params, init_params
+from peftdebias_jax.models.model import EncoderModel, abstract_params, init_leaves, init_params
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.models.weights import fill_params, leaf_paths
 
@@ -154,9 +154,14 @@ def from_pretrained(
     built = build_patches(patches)
     module = module.clone(patches=built)
     patch_leaves = patch_paths(module)
-    fresh = init_params(module, jax.random.key(seed))
     params, report = fill_params(
-        fresh, state, config.base_name, str(weights_path), patch_leaves, config.tie_word_embeddings
+        abstract_params(module),
+        state,
+        config.base_name,
+        str(weights_path),
+        lambda paths: init_leaves(module, jax.random.key(seed), paths),
+        patch_leaves,
+        config.tie_word_embeddings,
     )
     check_patch_leaves(params, built)
     log.info("loaded %d tensors from %s", len(report.loaded), weights_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -88,17 +89,18 @@ def hf_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def fill_params(
-    fresh: dict,
+    abstract: dict,
     state: dict[str, np.ndarray],
     base_name: str,
     source: str,
+    initialise: Callable[[list[tuple[str, ...]]], dict],
     skip: set[tuple[str, ...]] = frozenset(),
     tied: bool = True,
 ) -> tuple[dict, LoadReport]:
-    """Replaces the leaves of `fresh` by checkpoint tensors.
+    """The parameters of the tree of shapes `abstract`, from checkpoint tensors.
 
     Missing encoder weights are an error; missing heads (and paths in `skip`, e.g. patch
-    leaves) keep their fresh initialisation and are reported.
+    leaves) are freshly initialised by `initialise(paths)` -> {path: array} and reported.
     """
     consumed: set[str] = set()
     missing: list[str] = []
@@ -106,10 +108,10 @@ def fill_params(
     loaded: list[str] = []
     initialised: list[str] = []
     leaves = {}
-    for path, leaf in leaf_paths(fresh):
+    for path, leaf in leaf_paths(abstract):
         if path in skip:
             initialised.append(path_str(path))
-            leaves[path] = leaf
+            leaves[path] = None
             continue
         key = hf_key(path)
         found = next((k for k in candidate_keys(key, base_name) if k in state), None)
@@ -118,7 +120,7 @@ def fill_params(
                 missing.append(key)
             else:
                 initialised.append(path_str(path))
-            leaves[path] = leaf
+            leaves[path] = None
             continue
         tensor = state[found]
         expected = hf_shape(leaf.shape, path)
@@ -144,6 +146,7 @@ def fill_params(
             + f"; the checkpoint's keys look like {sample}"
         )
     unused = sorted(k for k in state if k not in consumed and not is_ignorable(k, tied))
+    leaves.update(initialise([path for path, leaf in leaves.items() if leaf is None]))
     params = unflatten(leaves)
     return params, LoadReport(loaded, initialised, unused)
 
