@@ -173,3 +173,21 @@ def test_loading_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatc
     for path in requested:
         got = np.asarray(dict(leaf_paths(params))[path])
         np.testing.assert_allclose(got, np.asarray(full[path]), atol=1e-6, rtol=0)
+
+
+def test_loaded_weights_reach_jax_without_a_copy(tmp_path):
+    """Checkpoint tensors land in 64-byte-aligned float32 arrays, which JAX's CPU client
+    uses in place: scoring or training a loaded model holds one copy of its weights."""
+    from peftdebias_jax.models.checkpoint_files import ALIGNMENT
+    from peftdebias_jax.models.weights import leaf_paths
+
+    save_model(transformers.BertModel, tiny_config("bert"), tmp_path)
+    _, params = models.from_pretrained(tmp_path)
+    leaves = [leaf for _, leaf in leaf_paths(params)]
+    assert all(isinstance(leaf, np.ndarray) for leaf in leaves)
+    for leaf in leaves:
+        assert leaf.dtype == np.float32 and leaf.flags.c_contiguous
+        assert leaf.ctypes.data % ALIGNMENT == 0
+    kernel = params["bert"]["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"]
+    if jax.default_backend() == "cpu":
+        assert jax.device_put(kernel).unsafe_buffer_pointer() == kernel.ctypes.data

@@ -12,6 +12,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +31,20 @@ SAFETENSORS_DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+# JAX's CPU client uses a host array in place (no copy) when its data is aligned to this.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on an ALIGNMENT boundary (numpy's own
+    are 16-byte aligned): loaded weights then reach XLA without another copy."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -39,7 +54,9 @@ WEIGHT_FILES = (
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file, memory-mapped, validated against the file size."""
+    """All tensors of one .safetensors file, validated against the file size, each read
+    into its own aligned array (see aligned_empty): once converted, a tensor can be freed
+    alone, which the views of one memory map cannot."""
     path = Path(path)
     size = path.stat().st_size
     if size < 8:
@@ -60,35 +77,41 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else None
     tensors: dict[str, np.ndarray] = {}
-    for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: corrupt entry for tensor {key!r} in the header: {info!r}"
-            ) from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {shape} ({info['dtype']}, {nbytes} bytes) "
-                f"but its data offsets span {end - begin} bytes"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated file: tensor {key!r} needs bytes up to {data_start + end} "
-                f"but the file has {size}"
-            )
-        if nbytes == 0:
-            tensors[key] = np.zeros(shape, dtype)
-            continue
-        assert data is not None
-        chunk = data[data_start + begin : data_start + end]
-        tensors[key] = chunk.view(dtype).reshape(shape)
+    with path.open("rb") as f:
+        for key, info in header.items():
+            tensors[key] = read_tensor(f, path, key, info, data_start, size)
     return tensors
+
+
+def read_tensor(f, path: Path, key: str, info: Any, data_start: int, size: int) -> np.ndarray:
+    """One tensor of an open .safetensors file, its header entry checked first."""
+    try:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{path}: corrupt entry for tensor {key!r} in the header: {info!r}"
+        ) from None
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes or begin < 0:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has shape {shape} ({info['dtype']}, {nbytes} bytes) "
+            f"but its data offsets span {end - begin} bytes"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path}: truncated file: tensor {key!r} needs bytes up to {data_start + end} "
+            f"but the file has {size}"
+        )
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    out = aligned_empty(shape, dtype)
+    f.seek(data_start + begin)
+    if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != nbytes:
+        raise CheckpointError(f"{path}: truncated file: tensor {key!r} ends early")
+    return out
 
 
 def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.models.checkpoint_files import ALIGNMENT, aligned_empty
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,19 @@ class LoadReport:
 
 
 def to_flax_leaf(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32)
-    return array.T if path[-1] == "kernel" else array
+    """float32 (kernels transposed to [in, out]) in an aligned array that JAX can use in
+    place (see checkpoint_files.aligned_empty); `array` itself when it already is one."""
+    source = np.asarray(array)
+    source = source.T if path[-1] == "kernel" else source
+    if (
+        source.dtype == np.float32
+        and source.flags.c_contiguous
+        and source.ctypes.data % ALIGNMENT == 0
+    ):
+        return source
+    out = aligned_empty(source.shape, np.float32)
+    np.copyto(out, source, casting="same_kind")
+    return out
 
 
 def hf_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int, ...]:
@@ -101,6 +113,7 @@ def fill_params(
 
     Missing encoder weights are an error; missing heads (and paths in `skip`, e.g. patch
     leaves) are freshly initialised by `initialise(paths)` -> {path: array} and reported.
+    Each tensor used is released from `state` (its entry set to None) once converted.
     """
     consumed: set[str] = set()
     missing: list[str] = []
@@ -130,6 +143,7 @@ def fill_params(
             )
             continue
         leaves[path] = to_flax_leaf(tensor, path)
+        state[found] = None  # the raw tensor can go now: no second copy of the model
         consumed.add(found)
         loaded.append(found)
     if mismatched:
