@@ -29,10 +29,14 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import sides  # noqa: E402  (the workers' module: shapes, the crows checkpoint)
+
 CASES = ("upstream_seq_bn", "upstream_lora", "upstream_prefix", "downstream_ft", "crows")
 BASE = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "vocab": 30522}
 QUICK = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "vocab": 2000}
@@ -86,14 +90,14 @@ def matmul_peak(dtype: str, size: int) -> dict[str, float]:
 class Worker:
     """One side of one case in its own process, driven line by line."""
 
-    def __init__(self, side: str, case: str, a: argparse.Namespace) -> None:
+    def __init__(self, side: str, case: str, a: argparse.Namespace, checkpoint: str = "") -> None:
         shape_flags = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
                        ("batch", "seq", "hidden", "layers", "heads", "intermediate", "vocab",
                         "dtype", "crows_pairs")]  # fmt: skip
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "sides.py"), f"--side={side}", f"--case={case}",
              f"--max-predictions={a.max_predictions}", f"--steps-per-call={a.steps_per_call}",
-             *shape_flags],
+             f"--checkpoint={checkpoint}", *shape_flags],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.info = self.read()
@@ -122,7 +126,19 @@ def summarize(times: list[float], examples: int) -> dict:
 
 
 def run_case(case: str, a: argparse.Namespace) -> dict:
-    workers = {"ours": Worker("ours", case, a), "reference": Worker("reference", case, a)}
+    if case != "crows":
+        return timed_case(case, a, "")
+    with tempfile.TemporaryDirectory() as checkpoint:  # both sides load the same model
+        sides.write_crows_checkpoint(Path(checkpoint), sides_shapes(a))
+        return timed_case(case, a, checkpoint)
+
+
+def sides_shapes(a: argparse.Namespace) -> sides.Shapes:
+    return sides.Shapes(**{k: getattr(a, k) for k in sides.Shapes.__dataclass_fields__})
+
+
+def timed_case(case: str, a: argparse.Namespace, checkpoint: str) -> dict:
+    workers = {side: Worker(side, case, a, checkpoint) for side in ("ours", "reference")}
     for _ in range(a.warmup):
         for worker in workers.values():
             worker.ask("steps 1")

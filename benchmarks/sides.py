@@ -89,11 +89,30 @@ def crows_tokenizer(pairs, vocab: int):
     return train_wordpiece(texts, vocab)
 
 
+def write_crows_checkpoint(directory: Path, shapes: Shapes) -> None:
+    """A randomly initialised BertForMaskedLM (transformers' own initialisation, seed 0) on
+    the pairs' vocabulary, in the Hugging Face layout: both sides score this checkpoint, as
+    a user scores a pretrained model (loading included in the peak memory)."""
+    import torch
+    import transformers
+
+    tokenizer = crows_tokenizer(crows_pairs(shapes.crows_pairs), shapes.vocab)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=shapes.hidden, num_hidden_layers=shapes.layers,
+        num_attention_heads=shapes.heads, intermediate_size=shapes.intermediate,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(directory)
+
+
 # --- ours (JAX) ------------------------------------------------------------------------
 
 
 class Ours:
-    def __init__(self, case: str, shapes: Shapes, max_predictions: int, slots: int) -> None:
+    def __init__(
+        self, case: str, shapes: Shapes, max_predictions: int, slots: int, checkpoint: str = ""
+    ) -> None:
         import jax
 
         from peftdebias_jax import masks, models, peft, phases
@@ -114,7 +133,7 @@ class Ours:
             type_vocab_size=2, dtype=shapes.dtype,
         )  # fmt: skip
         if case == "crows":
-            self.module, self.params = models.from_config(config, "mlm", seed=0)
+            self.module, self.params = models.from_pretrained(checkpoint, head="mlm")
             self.trainable = 0
             self.opt_bytes = 0
             return
@@ -185,7 +204,7 @@ class Ours:
 
 
 class Reference:
-    def __init__(self, case: str, shapes: Shapes) -> None:
+    def __init__(self, case: str, shapes: Shapes, checkpoint: str = "") -> None:
         import torch
         import transformers
 
@@ -204,7 +223,10 @@ class Reference:
         )  # fmt: skip
         torch.manual_seed(0)
         if case == "crows":
-            self.model = transformers.BertForMaskedLM(config).to(self.device).eval()
+            self.model = transformers.BertForMaskedLM.from_pretrained(
+                checkpoint, attn_implementation="eager"
+            )
+            self.model = self.model.to(self.device).eval()
             self.trainable = self.opt_bytes = 0
             return
         import adapters
@@ -308,6 +330,7 @@ def main() -> None:
     parser.add_argument("--case", choices=CASES, required=True)
     parser.add_argument("--max-predictions", type=int, default=-1)
     parser.add_argument("--steps-per-call", type=int, default=1)
+    parser.add_argument("--checkpoint", default="", help="the crows case's model directory")
     for name in Shapes.__dataclass_fields__:
         kind = str if name == "dtype" else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, required=True)
@@ -318,8 +341,10 @@ def main() -> None:
         from peftdebias_jax.training import memory
 
         memory.configure_xla_flags()
-    side = (Ours(args.case, shapes, args.max_predictions, args.steps_per_call)
-            if args.side == "ours" else Reference(args.case, shapes))  # fmt: skip
+    if args.case == "crows" and not args.checkpoint:
+        parser.error("--case crows needs --checkpoint (written by write_crows_checkpoint)")
+    side = (Ours(args.case, shapes, args.max_predictions, args.steps_per_call, args.checkpoint)
+            if args.side == "ours" else Reference(args.case, shapes, args.checkpoint))  # fmt: skip
     first = side.steps(1)  # compile (JAX; the same program runs any count) / allocate (torch)
     emit({"ready": True, "first_step_s": first, "trainable": side.trainable,
           "optimizer_state_bytes": side.opt_bytes})  # fmt: skip
