@@ -95,7 +95,8 @@ class Worker:
                        ("batch", "seq", "hidden", "layers", "heads", "intermediate", "vocab",
                         "dtype", "crows_pairs")]  # fmt: skip
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "sides.py"), f"--side={side}", f"--case={case}",
+            [a.ours_python if side == "ours" else sys.executable, str(HERE / "sides.py"),
+             f"--side={side}", f"--case={case}",
              f"--max-predictions={a.max_predictions}", f"--steps-per-call={a.steps_per_call}",
              f"--checkpoint={checkpoint}", *shape_flags],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -223,6 +224,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="decoder positions per row for our MLM step (-1 auto, 0 all)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    main_env = HERE.parent / ".venv" / "bin" / "python"
+    parser.add_argument(
+        "--ours-python",
+        default=str(main_env) if main_env.exists() else sys.executable,
+        help="the Python of our side's worker: the project's own environment (.venv), where "
+        "transformers 5 does not import torch; the reference always runs in this one",
+    )
     for key in BASE:
         parser.add_argument(f"--{key}", type=int, default=None)
     a = parser.parse_args(argv)

@@ -115,10 +115,7 @@ class Ours:
     ) -> None:
         import jax
 
-        from peftdebias_jax import masks, models, peft, phases
-        from peftdebias_jax.data import pipeline
-        from peftdebias_jax.training import memory, parallel, steps
-        from peftdebias_jax.training.state import TrainState, adamw
+        from peftdebias_jax import models
 
         self.jax, self.case, self.shapes = jax, case, shapes
         vocab = shapes.vocab
@@ -137,6 +134,13 @@ class Ours:
             self.trainable = 0
             self.opt_bytes = 0
             return
+        # imported only for the training cases: the scoring worker loads what scoring needs,
+        # as the reference's does
+        from peftdebias_jax import masks, peft, phases
+        from peftdebias_jax.data import pipeline
+        from peftdebias_jax.training import memory, parallel, steps
+        from peftdebias_jax.training.state import TrainState, adamw
+
         method = METHOD[case]
         patches = {"debias": peft.PatchConfig(method, **PATCH[method])}
         head = "classifier" if case == "downstream_ft" else "mlm"
