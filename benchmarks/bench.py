@@ -130,12 +130,8 @@ def run_case(case: str, a: argparse.Namespace) -> dict:
     if case != "crows":
         return timed_case(case, a, "")
     with tempfile.TemporaryDirectory() as checkpoint:  # both sides load the same model
-        sides.write_crows_checkpoint(Path(checkpoint), sides_shapes(a))
+        sides.write_crows_checkpoint(Path(checkpoint), sides.Shapes.of(a))
         return timed_case(case, a, checkpoint)
-
-
-def sides_shapes(a: argparse.Namespace) -> sides.Shapes:
-    return sides.Shapes(**{k: getattr(a, k) for k in sides.Shapes.__dataclass_fields__})
 
 
 def timed_case(case: str, a: argparse.Namespace, checkpoint: str) -> dict:

@@ -46,6 +46,11 @@ class Shapes:
     dtype: str
     crows_pairs: int
 
+    @classmethod
+    def of(cls, namespace: argparse.Namespace) -> Shapes:
+        """The shapes among parsed command-line arguments (the workers' and bench.py's)."""
+        return cls(**{k: getattr(namespace, k) for k in cls.__dataclass_fields__})
+
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
@@ -339,7 +344,7 @@ def main() -> None:
         kind = str if name == "dtype" else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, required=True)
     args = parser.parse_args()
-    shapes = Shapes(**{k: getattr(args, k) for k in Shapes.__dataclass_fields__})
+    shapes = Shapes.of(args)
     sys.path.insert(0, str(ROOT))
     if args.side == "ours":  # the XLA flags run.py sets, before JAX starts its back end
         from peftdebias_jax.training import memory

@@ -60,8 +60,8 @@ class MaskedScorer:
         max_tokens: int | None = None,
     ):
         """`batch_size` rows per call, and at most `max_tokens` tokens (None: CPU_TOKENS on
-        CPU, no cap on accelerators). The parameters are placed once: a loaded checkpoint's
-        memory-mapped arrays would otherwise be copied on every call."""
+        CPU, no cap on accelerators). The parameters are placed once: host arrays JAX cannot
+        use in place (unaligned or non-contiguous) would otherwise be copied on every call."""
         self.module, self.batch_size = module, batch_size
         self.params = jax.device_put(params)
         self.mask_id, self.pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id

@@ -69,19 +69,17 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 f"{header_len} bytes but the file has {size}"
             )
         raw_header = f.read(header_len)
-    try:
-        header = json.loads(raw_header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    tensors: dict[str, np.ndarray] = {}
-    with path.open("rb") as f:
-        for key, info in header.items():
-            tensors[key] = read_tensor(f, path, key, info, data_start, size)
-    return tensors
+        try:
+            header = json.loads(raw_header)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        return {
+            key: read_tensor(f, path, key, info, data_start, size) for key, info in header.items()
+        }
 
 
 def read_tensor(f, path: Path, key: str, info: Any, data_start: int, size: int) -> np.ndarray:

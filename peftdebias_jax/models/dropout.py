@@ -9,6 +9,8 @@ keep probability is exact to 2**-32.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,7 @@ def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"dropout rate must lie in [0, 1], got {rate}")
-    size = 1
-    for dim in shape:
-        size *= dim
+    size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(f"dropout over {size} elements needs more than a 32-bit counter")
     seeds = jax.random.bits(key, (2,), jnp.uint32)

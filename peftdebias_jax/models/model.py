@@ -14,6 +14,7 @@ from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import Dense, Encoder
 from peftdebias_jax.models.heads import BertOnlyMLMHead, RobertaClassificationHead, RobertaLMHead
 from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.models.weights import leaf_paths
 
 Array = jax.Array
 HEADS = ("mlm", "classifier", "none")
@@ -114,14 +115,8 @@ def init_leaves(
     ids, mask = module.dummy_inputs()
 
     def pick(key: jax.Array) -> list[jax.Array]:
-        params = module.init(key, ids, mask)["params"]
-        out = []
-        for path in paths:
-            leaf = params
-            for name in path:
-                leaf = leaf[name]
-            out.append(leaf)
-        return out
+        leaves = dict(leaf_paths(module.init(key, ids, mask)["params"]))
+        return [leaves[path] for path in paths]
 
     return dict(zip(paths, jax.jit(pick)(rng), strict=True))
 
