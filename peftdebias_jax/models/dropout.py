@@ -63,3 +63,13 @@ class Dropout(nn.Module):
         keep = keep_mask(self.make_rng(self.rng_collection), self.rate, inputs.shape)
         scaled = inputs / jnp.asarray(1.0 - self.rate, inputs.dtype)
         return lax.select(keep, scaled, jnp.zeros_like(inputs))
+
+    def multiplier(self, shape: tuple[int, ...], dtype, deterministic: bool) -> Array | None:
+        """What `__call__` multiplies inputs of `shape` by (0 or 1 / (1 - rate)), drawing the
+        same mask; None when nothing is dropped."""
+        if deterministic or self.rate == 0.0:
+            return None
+        if self.rate == 1.0:
+            return jnp.zeros(shape, dtype)
+        keep = keep_mask(self.make_rng(self.rng_collection), self.rate, shape)
+        return keep.astype(dtype) / jnp.asarray(1.0 - self.rate, dtype)

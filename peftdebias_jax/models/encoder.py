@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peftdebias_jax.models.attention import attend
 from peftdebias_jax.models.config import EncoderConfig
 from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
@@ -192,10 +193,10 @@ class SelfAttention(nn.Module):
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
         prefix = f"{cfg.base_name}.encoder.layer.{self.layer_index}.attention.self"
 
-        def project(name: str, inputs: Array) -> Array:
+        def project(name: str, inputs: Array) -> Array:  # heads-major [B, heads, S, head_dim]
             dense = Dense(cfg.hidden_size, cfg, f"{prefix}.{name}", self.patches, name=name)
             out = dense(inputs, deterministic, states)
-            return out.reshape(batch, inputs.shape[1], heads, head_dim)
+            return out.reshape(batch, inputs.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
 
         queries = x if rows is None else gather_rows(x, rows)
         query, key, value = project("query", queries), project("key", x), project("value", x)
@@ -205,15 +206,15 @@ class SelfAttention(nn.Module):
             )
             if kv is None:
                 continue
-            key = jnp.concatenate([kv[0].astype(dtype), key], axis=1)
-            value = jnp.concatenate([kv[1].astype(dtype), value], axis=1)
-            attend = jnp.zeros((*mask_bias.shape[:-1], kv[0].shape[1]), mask_bias.dtype)
-            mask_bias = jnp.concatenate([attend, mask_bias], axis=-1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * (1.0 / math.sqrt(head_dim))
-        scores = scores.astype(jnp.float32) + mask_bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+            key = jnp.concatenate([kv[0].astype(dtype).transpose(0, 2, 1, 3), key], axis=2)
+            value = jnp.concatenate([kv[1].astype(dtype).transpose(0, 2, 1, 3), value], axis=2)
+            open_keys = jnp.zeros((*mask_bias.shape[:-1], kv[0].shape[1]), mask_bias.dtype)
+            mask_bias = jnp.concatenate([open_keys, mask_bias], axis=-1)
+        keep = Dropout(cfg.attention_probs_dropout_prob).multiplier(
+            (batch, heads, query.shape[2], key.shape[2]), dtype, deterministic
+        )
+        out = attend(query, key, value, mask_bias, keep, 1.0 / math.sqrt(head_dim))
+        out = out.transpose(0, 2, 1, 3)
         return out.reshape(batch, queries.shape[1], cfg.hidden_size)
 
 
