@@ -56,12 +56,15 @@ class EncoderModel(nn.Module):
         token_type_ids: Array | None = None,
         deterministic: bool = True,
         mlm_positions: Array | None = None,
+        mlm_rows: Array | None = None,
     ) -> Array | EncoderOutput:
         """`mlm_positions` [B, P] (head="mlm"): vocabulary logits [B, P, V] at those
         positions only, instead of [B, S, V] everywhere (scoring and masked-LM training
         need a few positions; the decoder is the largest matmul of the model). Heads that
         read a few positions (those, or the classifier's first token) run the last block
-        on those rows only: same outputs, a fraction of the last block's FLOPs."""
+        on those rows only: same outputs, a fraction of the last block's FLOPs.
+        `mlm_rows` [T] (with `mlm_positions`): logits [T, V] at only those of the B * P
+        rows, flattened (a batch selects far fewer than P positions per row in all)."""
         cfg = self.config
         bert_classifier = self.head == "classifier" and cfg.model_type == "bert"
         encoder = Encoder(
@@ -81,6 +84,8 @@ class EncoderModel(nn.Module):
         if self.head == "none":
             return EncoderOutput(hidden, pooled)
         if self.head == "mlm":
+            if mlm_rows is not None:
+                hidden = hidden.reshape(-1, hidden.shape[-1])[mlm_rows]
             table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
             if cfg.model_type == "roberta":
                 return RobertaLMHead(cfg, name="lm_head")(hidden, table)

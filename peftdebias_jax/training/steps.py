@@ -59,21 +59,45 @@ def max_predictions_for(length: int, rate: float, setting: int) -> int:
     return min(length, math.ceil(length * rate + 3 * math.sqrt(length * rate * (1 - rate))))
 
 
+def batch_predictions_for(batch: int, length: int, rate: float, setting: int) -> int | None:
+    """Decoder rows per batch: with `setting` -1, mean + 3 standard deviations of
+    Binomial(batch * length, rate) when that is fewer than the rows max_predictions_for
+    leaves (188 of 8 x 32 = 256 for 8 x 128 at 15%: a batch's total varies far less than
+    a row's); otherwise None, no cap on the batch."""
+    if setting != -1:
+        return None
+    n = batch * length
+    total = math.ceil(n * rate + 3 * math.sqrt(n * rate * (1 - rate)))
+    return total if total < batch * max_predictions_for(length, rate, setting) else None
+
+
 def cap_selection(selected: jax.Array, limit: int) -> jax.Array:
     """The first `limit` selected positions of each row (the rest unselected)."""
     return selected & (jnp.cumsum(selected, axis=1) <= limit)
 
 
+def cap_batch_selection(selected: jax.Array, limit: int) -> jax.Array:
+    """The first `limit` selected positions of the whole batch, rows in order."""
+    flat = selected.reshape(-1)
+    return (flat & (jnp.cumsum(flat) <= limit)).reshape(selected.shape)
+
+
 def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng,
-                 max_predictions: int | None = None):  # fmt: skip
-    """Summed cross-entropy over the selected positions. With `max_predictions` the decoder
-    runs on that many positions per row (the selected ones first; a static shape) instead
-    of all of them: `selected` must then hold at most that many per row (cap_selection)."""
-    positions = None
+                 max_predictions: int | None = None,
+                 batch_predictions: int | None = None):  # fmt: skip
+    """Summed cross-entropy over the selected positions. With `max_predictions` the last
+    block runs on that many positions per row (the selected ones first; a static shape)
+    instead of all of them, and with `batch_predictions` too the head and decoder run on
+    that many of those rows: `selected` must then hold at most that many per row
+    (cap_selection) and per batch (cap_batch_selection)."""
+    positions = rows = None
     if max_predictions is not None and max_predictions < inputs.shape[1]:
         positions = jnp.argsort(~selected, axis=1, stable=True)[:, :max_predictions]
         labels = jnp.take_along_axis(labels, positions, axis=1)
         selected = jnp.take_along_axis(selected, positions, axis=1)
+        if batch_predictions is not None and batch_predictions < selected.size:
+            rows = jnp.argsort(~selected.reshape(-1), stable=True)[:batch_predictions]
+            labels, selected = labels.reshape(-1)[rows], selected.reshape(-1)[rows]
     logits = module.apply(
         {"params": params},
         inputs,
@@ -81,6 +105,7 @@ def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropo
         deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
         mlm_positions=positions,
+        mlm_rows=rows,
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(ce * selected)
@@ -116,12 +141,13 @@ def make_mlm_train_step(
     with `l1` > 0 also the L1 pull of the trainable leaves towards `state.anchor`, whose
     gradient is added after the (cross-device) masked-LM gradient, as the reference adds
     it in a separate backward pass. `max_predictions` (see max_predictions_for): the
-    decoder runs only on that many masked positions per row; 0 = on all positions."""
+    decoder runs only on that many masked positions per row; 0 = on all positions; -1
+    also caps the batch's decoder rows (batch_predictions_for)."""
 
-    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count, limit):
+    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count, limits):
         return (
             mlm_loss_sum(
-                module, params, inputs, labels, attention_mask, selected, dropout_rng, limit
+                module, params, inputs, labels, attention_mask, selected, dropout_rng, *limits
             )
             / count
         )
@@ -136,10 +162,13 @@ def make_mlm_train_step(
         ids, attention = batch["input_ids"], batch["attention_mask"]
         inputs, selected = masking.mask(mask_rng, batch, batch["index"])
         limit = max_predictions_for(ids.shape[1], masking.rate, max_predictions)
+        total = batch_predictions_for(*ids.shape, masking.rate, max_predictions)
         selected = cap_selection(selected, limit)
+        if total is not None:
+            selected = cap_batch_selection(selected, total)
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
         loss, grads = grad_fn(
-            state.params, inputs, ids, attention, selected, dropout_rng, count, limit
+            state.params, inputs, ids, attention, selected, dropout_rng, count, (limit, total)
         )
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
         if l1:
