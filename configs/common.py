@@ -100,8 +100,9 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.max_len = 256
     config.upstream.mlm_probability = 0.15
     # decoder positions per sequence in training: -1 = mean + 3 sd of the masked count (32 of
-    # 128; a row with more masked tokens scores its first 32, p < 0.2%), 0 = every position
-    # (the reference), n > 0 = n
+    # 128; a row with more masked tokens scores its first 32, p < 0.2%), and the MLM head on
+    # mean + 3 sd of the batch's count (188 of 8 x 32 rows at 8 x 128; beyond it a batch
+    # scores its first 188); 0 = every position (the reference), n > 0 = n
     config.upstream.max_predictions = -1
     config.upstream.clip_norm = 1.0
     config.upstream.eval_every = 1_000
