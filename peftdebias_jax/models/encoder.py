@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from peftdebias_jax.models.attention import attend
 from peftdebias_jax.models.config import EncoderConfig
 from peftdebias_jax.models.dropout import Dropout
+from peftdebias_jax.models.matmul import kernel_matmul
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 
 Array = jax.Array
@@ -86,7 +87,7 @@ class Dense(nn.Module):
             "kernel", normal_init(self.config), (x.shape[-1], self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+        y = kernel_matmul(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
         for patch, state in zip(self.patches, states, strict=True):
             delta = patch.dense_delta(state, self.hf_path, x, self.features, deterministic)
             if delta is not None:

@@ -18,9 +18,9 @@ import jax
 
 from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import ACTIVATIONS
+from peftdebias_jax.models.matmul import kernel_dot_general
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 from peftdebias_jax.peft.init import torch_linear_kernel
-from peftdebias_jax.peft.narrow import narrow_dot_general
 
 
 class Bottleneck(nn.Module):
@@ -46,11 +46,11 @@ class Bottleneck(nn.Module):
             )
         down = nn.Dense(
             self.bottleneck, dtype=x.dtype, kernel_init=down_init,
-            dot_general=narrow_dot_general, name="down",
+            dot_general=kernel_dot_general, name="down",
         )(x)  # fmt: skip
         down = ACTIVATIONS[self.non_linearity](down)
         up = nn.Dense(
-            hidden, dtype=x.dtype, kernel_init=up_init, dot_general=narrow_dot_general, name="up"
+            hidden, dtype=x.dtype, kernel_init=up_init, dot_general=kernel_dot_general, name="up"
         )(down)
         up = up * self.scaling
         return Dropout(self.dropout)(up, deterministic=deterministic)

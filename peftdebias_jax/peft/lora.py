@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from peftdebias_jax.models.dropout import Dropout
+from peftdebias_jax.models.matmul import kernel_matmul
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.peft.init import torch_linear_kernel
-from peftdebias_jax.peft.narrow import narrow_matmul
 
 
 class LoRADelta(nn.Module):
@@ -29,7 +29,7 @@ class LoRADelta(nn.Module):
         a = self.param("lora_A", torch_linear_kernel(), (x.shape[-1], self.r), jnp.float32)
         b = self.param("lora_B", nn.initializers.zeros, (self.r, self.features), jnp.float32)
         x = Dropout(self.dropout)(x, deterministic=deterministic)
-        return narrow_matmul(narrow_matmul(x, a.astype(x.dtype)), b.astype(x.dtype)) * self.scaling
+        return kernel_matmul(kernel_matmul(x, a.astype(x.dtype)), b.astype(x.dtype)) * self.scaling
 
 
 @dataclasses.dataclass(frozen=True)

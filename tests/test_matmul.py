@@ -1,4 +1,4 @@
-"""The patches' matmul with a hand-written kernel gradient equals plain autodiff."""
+"""Dense layers' matmul with a hand-written kernel gradient equals plain autodiff."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftdebias_jax.peft.narrow import narrow_dot_general, narrow_matmul
+from peftdebias_jax.models.matmul import kernel_dot_general, kernel_matmul
 
 
 @pytest.mark.parametrize("fan_in, fan_out", [(24, 4), (4, 24), (6, 6)])
@@ -15,7 +15,7 @@ def test_gradients_match_autodiff(fan_in, fan_out):
     x = jnp.asarray(rng.normal(size=(3, 5, fan_in)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(fan_in, fan_out)), jnp.float32)
     grad = jnp.asarray(rng.normal(size=(3, 5, fan_out)), jnp.float32)
-    ours, ours_vjp = jax.vjp(narrow_matmul, x, kernel)
+    ours, ours_vjp = jax.vjp(kernel_matmul, x, kernel)
     theirs, theirs_vjp = jax.vjp(jnp.matmul, x, kernel)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     for mine, expected in zip(ours_vjp(grad), theirs_vjp(grad), strict=True):
@@ -25,9 +25,9 @@ def test_gradients_match_autodiff(fan_in, fan_out):
 
 def test_as_flax_dense_dot_general():
     x = jnp.ones((2, 7, 6))
-    dense = nn.Dense(3, dot_general=narrow_dot_general)
+    dense = nn.Dense(3, dot_general=kernel_dot_general)
     params = dense.init(jax.random.key(0), x)
     plain = nn.Dense(3).apply(params, x)
     np.testing.assert_allclose(dense.apply(params, x), plain, rtol=1e-6)
     with pytest.raises(ValueError, match="x @ kernel"):
-        narrow_dot_general(x, jnp.ones((7, 3)), (((1,), (0,)), ((), ())))
+        kernel_dot_general(x, jnp.ones((7, 3)), (((1,), (0,)), ((), ())))
