@@ -28,14 +28,18 @@ def _forward(x, kernel):
     return jnp.matmul(x, kernel), (x, kernel)
 
 
+def _transposed(a: Array) -> Array:
+    """a^T, materialised on CPU; other back ends (cuBLAS, TPU) take transposed operands
+    natively, and were not measured with the barrier, so they get the plain transpose."""
+    return jax.lax.optimization_barrier(a.T) if jax.default_backend() == "cpu" else a.T
+
+
 def _backward(residuals, grad):
     x, kernel = residuals
     fan_in, fan_out = kernel.shape
     rows, grads = x.reshape(-1, fan_in), grad.reshape(-1, fan_out)
-    if fan_in <= fan_out:  # transpose x, the narrower operand
-        grad_kernel = jax.lax.optimization_barrier(rows.T) @ grads
-    else:
-        grad_kernel = (jax.lax.optimization_barrier(grads.T) @ rows).T
+    narrow_x = fan_in <= fan_out  # transpose the narrower operand
+    grad_kernel = _transposed(rows) @ grads if narrow_x else (_transposed(grads) @ rows).T
     return jnp.matmul(grad, kernel.T), grad_kernel.astype(kernel.dtype)
 
 
