@@ -115,13 +115,9 @@ def test_local_rows_of_a_batch():
     assert part["index"].tolist() == [2, 3]
 
 
-def test_decoder_on_masked_positions_only_gives_the_same_loss_and_gradient():
-    """The gathered path (decoder on max_predictions positions per row) equals the full
-    [B, L, V] path whenever no row selects more than that many positions."""
-    import jax.numpy as jnp
-
+def tiny_mlm_batch():
+    """A one-layer BERT with an MLM head, a 3 x 12 batch and a 40% selection draw."""
     from peftdebias_jax import models
-    from peftdebias_jax.training import steps
 
     config = models.EncoderConfig(
         model_type="bert", vocab_size=40, hidden_size=16, num_hidden_layers=1,
@@ -132,28 +128,40 @@ def test_decoder_on_masked_positions_only_gives_the_same_loss_and_gradient():
     ids = jax.random.randint(jax.random.key(1), (3, 12), 5, 40)
     attention = jnp.ones((3, 12), jnp.int32)
     draw = jax.random.uniform(jax.random.key(2), (3, 12)) < 0.4
-    selected = steps.cap_selection(draw, 4)
-    assert int(selected.sum(1).max()) <= 4 and int(draw.sum()) > int(selected.sum())
+    return module, params, ids, attention, draw
 
-    def loss(p, limit):
-        return steps.mlm_loss_sum(module, p, ids, ids, attention, selected, None, limit)
 
-    full, gathered = loss(params, None), loss(params, 4)
+def assert_same_loss_and_gradient(module, params, ids, attention, selected, limits):
+    """mlm_loss_sum with `limits` (per row, per batch) equals the full [B, L, V] path."""
+    from peftdebias_jax.training import steps
+
+    def loss(p, limits):
+        return steps.mlm_loss_sum(module, p, ids, ids, attention, selected, None, *limits)
+
+    full, gathered = loss(params, (None, None)), loss(params, limits)
     np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
-    grad_full = jax.grad(loss)(params, None)
-    grad_gathered = jax.grad(loss)(params, 4)
+    grad_full = jax.grad(loss)(params, (None, None))
+    grad_gathered = jax.grad(loss)(params, limits)
     for a, b in zip(jax.tree_util.tree_leaves(grad_full), jax.tree_util.tree_leaves(grad_gathered),
                     strict=True):  # fmt: skip
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_on_masked_positions_only_gives_the_same_loss_and_gradient():
+    """The gathered path (decoder on max_predictions positions per row) equals the full
+    [B, L, V] path whenever no row selects more than that many positions."""
+    from peftdebias_jax.training import steps
+
+    module, params, ids, attention, draw = tiny_mlm_batch()
+    selected = steps.cap_selection(draw, 4)
+    assert int(selected.sum(1).max()) <= 4 and int(draw.sum()) > int(selected.sum())
+    assert_same_loss_and_gradient(module, params, ids, attention, selected, (4, None))
 
 
 def test_batch_cap_on_decoder_rows():
     """The batch-level cap: mean + 3 sd of the batch's masked count, only in the automatic
     setting and only when below the per-row caps; the head on that many rows gives the loss
     and gradient of the full path over the positions the caps leave."""
-    import jax.numpy as jnp
-
-    from peftdebias_jax import models
     from peftdebias_jax.training import steps
 
     assert steps.max_predictions_for(128, 0.15, -1) == 32
@@ -161,15 +169,7 @@ def test_batch_cap_on_decoder_rows():
     assert steps.batch_predictions_for(1, 128, 0.15, -1) is None  # 32: no fewer than 1 x 32
     assert steps.batch_predictions_for(8, 128, 0.15, 20) is None  # an explicit per-row count
 
-    config = models.EncoderConfig(
-        model_type="bert", vocab_size=40, hidden_size=16, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
-        type_vocab_size=2,
-    )  # fmt: skip
-    module, params = models.from_config(config, "mlm", seed=0)
-    ids = jax.random.randint(jax.random.key(1), (3, 12), 5, 40)
-    attention = jnp.ones((3, 12), jnp.int32)
-    draw = jax.random.uniform(jax.random.key(2), (3, 12)) < 0.4
+    module, params, ids, attention, draw = tiny_mlm_batch()
     per_row = steps.cap_selection(draw, 4)
     total = int(per_row.sum())
     capped = steps.cap_batch_selection(per_row, total - 2)
@@ -180,14 +180,4 @@ def test_batch_cap_on_decoder_rows():
     assert not kept[last_kept + 1 :].any() and flat[last_kept + 1 :].sum() == 2
 
     for selected, rows in ((per_row, total), (per_row, total + 3), (capped, total - 2)):
-
-        def loss(p, limits, selected=selected):
-            return steps.mlm_loss_sum(module, p, ids, ids, attention, selected, None, *limits)
-
-        full, gathered = loss(params, (None, None)), loss(params, (4, rows))
-        np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
-        grad_full = jax.grad(loss)(params, (None, None))
-        grad_rows = jax.grad(loss)(params, (4, rows))
-        for a, b in zip(jax.tree_util.tree_leaves(grad_full), jax.tree_util.tree_leaves(grad_rows),
-                        strict=True):  # fmt: skip
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        assert_same_loss_and_gradient(module, params, ids, attention, selected, (4, rows))

@@ -20,6 +20,10 @@ def _probabilities(query: Array, key: Array, bias: Array, scale: float) -> Array
     return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(query.dtype)
 
 
+def _dropped(x: Array, keep: Array | None) -> Array:
+    return x if keep is None else x * keep
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def attend(
     query: Array, key: Array, value: Array, bias: Array, keep: Array | None, scale: float
@@ -30,25 +34,20 @@ def attend(
     multiplier of the probabilities (0 or 1 / (1 - rate)), None without dropout. Neither
     receives a gradient.
     """
-    probs = _probabilities(query, key, bias, scale)
-    probs = probs if keep is None else probs * keep
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, value)
+    return _attend_forward(query, key, value, bias, keep, scale)[0]
 
 
 def _attend_forward(query, key, value, bias, keep, scale):
     probs = _probabilities(query, key, bias, scale)
-    dropped = probs if keep is None else probs * keep
-    out = jnp.einsum("bhqk,bhkd->bhqd", dropped, value)
+    out = jnp.einsum("bhqk,bhkd->bhqd", _dropped(probs, keep), value)
     return out, (query, key, value, bias, keep, probs)
 
 
 def _attend_backward(scale, residuals, grad_out):
     query, key, value, bias, keep, probs = residuals
-    dropped = probs if keep is None else probs * keep
-    grad_value = jnp.einsum("bhqk,bhqd->bhkd", dropped, grad_out)
+    grad_value = jnp.einsum("bhqk,bhqd->bhkd", _dropped(probs, keep), grad_out)
     grad_probs = jnp.einsum("bhqd,bhkd->bhqk", grad_out, value).astype(jnp.float32)
-    if keep is not None:
-        grad_probs = grad_probs * keep
+    grad_probs = _dropped(grad_probs, keep)
     p = probs.astype(jnp.float32)
     grad_scores = p * (grad_probs - jnp.sum(grad_probs * p, axis=-1, keepdims=True))
     grad_scores = (grad_scores * scale).astype(query.dtype)

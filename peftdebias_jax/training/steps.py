@@ -49,6 +49,11 @@ def psum(x, axis_name: str | None):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
 
+def _mean_plus_three_sd(n: int, rate: float) -> int:
+    """ceil(mean + 3 standard deviations) of Binomial(n, rate)."""
+    return math.ceil(n * rate + 3 * math.sqrt(n * rate * (1 - rate)))
+
+
 def max_predictions_for(length: int, rate: float, setting: int) -> int:
     """Decoder positions per sequence: `setting` when > 0; 0 = every position (exact); -1 =
     mean + 3 standard deviations of Binomial(length, rate), e.g. 32 of 128 at 15%."""
@@ -56,7 +61,7 @@ def max_predictions_for(length: int, rate: float, setting: int) -> int:
         return min(setting, length)
     if setting == 0:
         return length
-    return min(length, math.ceil(length * rate + 3 * math.sqrt(length * rate * (1 - rate))))
+    return min(length, _mean_plus_three_sd(length, rate))
 
 
 def batch_predictions_for(batch: int, length: int, rate: float, setting: int) -> int | None:
@@ -66,8 +71,7 @@ def batch_predictions_for(batch: int, length: int, rate: float, setting: int) ->
     a row's); otherwise None, no cap on the batch."""
     if setting != -1:
         return None
-    n = batch * length
-    total = math.ceil(n * rate + 3 * math.sqrt(n * rate * (1 - rate)))
+    total = _mean_plus_three_sd(batch * length, rate)
     return total if total < batch * max_predictions_for(length, rate, setting) else None
 
 
@@ -78,8 +82,13 @@ def cap_selection(selected: jax.Array, limit: int) -> jax.Array:
 
 def cap_batch_selection(selected: jax.Array, limit: int) -> jax.Array:
     """The first `limit` selected positions of the whole batch, rows in order."""
-    flat = selected.reshape(-1)
-    return (flat & (jnp.cumsum(flat) <= limit)).reshape(selected.shape)
+    return cap_selection(selected.reshape(1, -1), limit).reshape(selected.shape)
+
+
+def _selected_first(selected: jax.Array, count: int) -> jax.Array:
+    """Indices of the first `count` entries of each row of `selected`, selected ones first
+    (in order): a static shape holding every selected entry when at most `count` are."""
+    return jnp.argsort(~selected, axis=-1, stable=True)[..., :count]
 
 
 def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng,
@@ -92,11 +101,11 @@ def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropo
     (cap_selection) and per batch (cap_batch_selection)."""
     positions = rows = None
     if max_predictions is not None and max_predictions < inputs.shape[1]:
-        positions = jnp.argsort(~selected, axis=1, stable=True)[:, :max_predictions]
+        positions = _selected_first(selected, max_predictions)
         labels = jnp.take_along_axis(labels, positions, axis=1)
         selected = jnp.take_along_axis(selected, positions, axis=1)
         if batch_predictions is not None and batch_predictions < selected.size:
-            rows = jnp.argsort(~selected.reshape(-1), stable=True)[:batch_predictions]
+            rows = _selected_first(selected.reshape(-1), batch_predictions)
             labels, selected = labels.reshape(-1)[rows], selected.reshape(-1)[rows]
     logits = module.apply(
         {"params": params},
