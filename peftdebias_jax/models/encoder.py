@@ -17,14 +17,11 @@ import jax.numpy as jnp
 from peftdebias_jax.models.attention import attend
 from peftdebias_jax.models.config import EncoderConfig
 from peftdebias_jax.models.dropout import Dropout
+from peftdebias_jax.models.gelu import exact_gelu
 from peftdebias_jax.models.matmul import kernel_matmul
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
 
 Array = jax.Array
-
-
-def _exact_gelu(x: Array) -> Array:
-    return jax.nn.gelu(x, approximate=False)
 
 
 def _tanh_gelu(x: Array) -> Array:
@@ -33,7 +30,7 @@ def _tanh_gelu(x: Array) -> Array:
 
 # transformers' ACT2FN semantics ("gelu" is the exact erf GELU); adapters use the same names.
 ACTIVATIONS = {
-    "gelu": _exact_gelu,
+    "gelu": exact_gelu,
     "gelu_new": _tanh_gelu,
     "gelu_fast": _tanh_gelu,
     "gelu_pytorch_tanh": _tanh_gelu,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from peftdebias_jax.models.config import EncoderConfig
 from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import Dense, activation, compute_dtype, layer_norm
+from peftdebias_jax.models.matmul import bias_add
 
 Array = jax.Array
 
@@ -33,7 +34,7 @@ def decode(module: nn.Module, hidden: Array, word_embeddings: Array) -> Array:
             },
         )
         kernel, bias = decoder["kernel"], decoder["bias"]
-    return jnp.dot(hidden.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return bias_add(jnp.dot(hidden.astype(dtype), kernel.astype(dtype)), bias.astype(dtype))
 
 
 class BertPredictionHeadTransform(nn.Module):

@@ -46,6 +46,27 @@ def _backward(residuals, grad):
 kernel_matmul.defvjp(_forward, _backward)
 
 
+@jax.custom_vjp
+def bias_add(y: Array, bias: Array) -> Array:
+    """y [..., out] + bias [out], whose bias gradient is a matmul (ones @ g) instead of a
+    column sum: XLA's CPU back end sums the MLM decoder's [rows, vocab] gradient over its
+    rows at about 0.4 G elements/s (13 ms for 188 x 30,522), the matmul in 0.6 ms."""
+    return y + bias
+
+
+def _bias_forward(y, bias):
+    return y + bias, None
+
+
+def _bias_backward(_, grad):
+    rows = grad.reshape(-1, grad.shape[-1])
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    return grad, jnp.matmul(ones, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+bias_add.defvjp(_bias_forward, _bias_backward)
+
+
 def kernel_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`flax.linen.Dense`'s `dot_general` (inputs' last axis with the kernel's first)."""
     if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
