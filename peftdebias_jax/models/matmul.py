@@ -7,7 +7,8 @@ lays out the gradient g transposed inside the fusion that computes it (e.g. the 
 backward). Here the narrower of x and g ([tokens, features]) is transposed explicitly and
 kept apart by an optimization barrier, so the product is a plain row-major matmul and g
 keeps its layout. Full fine-tuning step on CPU: -7.6%; the patches' (adapter, LoRA)
-upstream steps: -1.3 to -1.7% (docs/performance.md).
+upstream steps: -1.3 to -1.7% (docs/performance.md). `bias_add` does the same for a bias
+whose gradient sums many wide rows (the MLM decoder's), as a matmul instead of a column sum.
 """
 
 from __future__ import annotations
