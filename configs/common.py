@@ -90,6 +90,9 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.validation_file = config.upstream.train_file.replace("train", "validation")
     config.upstream.validation_fraction = 0.05  # held out when validation_file is ""
     config.upstream.synthetic_size = 400  # sentences, when train_file is "synthetic"
+    # at most this many documents of a split (0: all): a seeded sample, recorded in
+    # upstream.done.json; e.g. --config.upstream.max_examples.train=500 to try a corpus
+    config.upstream.max_examples = ml_collections.ConfigDict({"train": 0, "validation": 0})
     config.upstream.text_column = ""  # "": "text" if present, else the first column
     config.upstream.word_list = "data/bias_attribute_words.json"  # or "builtin" (small, own)
     config.upstream.word_list_key = WORD_LIST_KEY[axis]
@@ -112,6 +115,10 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # (on CPU each call page-faults its 1-2 GB scratch in again); calls stop at log, eval and
     # checkpoint steps, so results are the same for any value
     config.upstream.steps_per_call = 10
+    # the epoch order: shuffled runs of up to this many consecutive batches of one length
+    # bucket (a compiled call stacks batches of one shape, so calls stop where a run ends);
+    # a function of (seed, epoch) alone, whatever steps_per_call is
+    config.upstream.bucket_run_length = 10
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
     config.upstream.dense = False  # True: no patch, the whole encoder trains (Full-Debias)
     config.upstream.l1 = 0.0  # L1 pull towards the pre-trained weights (0.1 for dense/SFT)
@@ -124,6 +131,11 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.test_file = f"{data_dir}/test.jsonl"  # "": score validation only
     config.downstream.validation_fraction = 0.1
     config.downstream.synthetic_size = 400
+    # at most this many examples of a split (0: all; "extra": each extra_evals set), a
+    # seeded sample recorded in downstream_results.json under "sampled"
+    config.downstream.max_examples = ml_collections.ConfigDict(
+        {"train": 0, "validation": 0, "test": 0, "extra": 0}
+    )
     # synthetic data: how strongly the protected attribute predicts the label (0.5: not at all)
     config.downstream.synthetic_bias = 0.9
     # extra scored sets, "<task>=<file>", e.g. "iptts=data/iptts77k/test.csv" (FPRD_IPTTS)
@@ -140,7 +152,12 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.log_every = 50
     config.downstream.checkpoint_every = 1_000
     config.downstream.steps_per_call = 10  # as config.upstream.steps_per_call
-    config.downstream.class_weights = True  # GHC 10, Stormfront 6.7 for the hate class
+    config.downstream.bucket_run_length = 10  # as config.upstream.bucket_run_length
+    # loss weight per class: "auto" (hate tasks: the largest class count of the training
+    # split over each class's count, as the reference's GHC 10 / Stormfront 6.7 did for their
+    # full corpora; other tasks 1), "reference" (those fixed values), "none", or
+    # "label=weight,..."; the weights used are logged and kept in the results
+    config.downstream.class_weights = "auto"
     # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
     config.downstream.freeze_layernorm = True
     # what trains besides frozen patches: "all", "bitfit" (biases + head), "beft" (one bias

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from peftdebias_jax import bias_select, checkpoint, masks, phases, sft
 from peftdebias_jax import evaluation as ev
-from peftdebias_jax.data import pipeline, synthetic, tasks
+from peftdebias_jax.data import pipeline, sampling, synthetic, tasks
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.training import parallel, steps
@@ -74,7 +74,15 @@ def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[
     for name, examples in [("train", train), *splits.items()]:
         if not examples:
             raise DataError(f"config.downstream: the {name} split of {task.name} is empty")
-    return {"train": train, "labels": labels, **splits, "extra": extra}
+    caps = sampling.check_caps(dn.max_examples, "config.downstream.max_examples")
+    sampled = {}
+    train, sampled["train"] = sampling.cap(train, caps["train"], config.seed, "train")
+    for name in list(splits):
+        splits[name], sampled[name] = sampling.cap(splits[name], caps[name], config.seed, name)
+    for name, (extra_task, examples) in list(extra.items()):
+        examples, sampled[name] = sampling.cap(examples, caps["extra"], config.seed, name)
+        extra[name] = (extra_task, examples)
+    return {"train": train, "labels": labels, **splits, "extra": extra, "sampled": sampled}
 
 
 def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
@@ -275,14 +283,17 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     train_ids, train_types, train_y = encode(tokenizer, data["train"], labels, dn.max_len)
     batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
-                               train_types, train_y)  # fmt: skip
+                               train_types, train_y, dn.bucket_run_length)  # fmt: skip
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
     tx = masks.optimizer(adamw(dn.learning_rate, num_steps, dn.clip_norm), label_tree)
     if frozen_entries:  # a sparse (SFT) patch: its entries stay as loaded
         tx = optax.chain(masks.entry_mask({p: ~m for p, m in frozen_entries.items()}), tx)
     state = TrainState.create(params, tx, config.seed)
-    weights = [task.class_weights.get(name, 1.0) if dn.class_weights else 1.0 for name in labels]
+    class_weights = tasks.class_weights(task, labels, data["train"], dn.class_weights,
+                                        "config.downstream.class_weights")  # fmt: skip
+    log.info("downstream class weights (%s): %s", dn.class_weights, class_weights)
+    weights = [class_weights[name] for name in labels]
     runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")
     train_step = runner.compile_repeated(
         steps.make_classification_train_step(
@@ -352,8 +363,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
             params=masks.merge(trainable, masks.split(final.params, label_tree)[1])
         )
     device_state = runner.put_state(best)
-    results: dict[str, Any] = {"task": task.name, "labels": list(labels),
-                               "selection": selection.to_record(), "steps": num_steps}  # fmt: skip
+    results: dict[str, Any] = {
+        "task": task.name, "labels": list(labels), "selection": selection.to_record(),
+        "steps": num_steps, "sampled": data["sampled"],
+        "class_weights": {"setting": dn.class_weights, "weights": class_weights},
+    }  # fmt: skip
     evaluations = {"validation": (task, data["validation"])}
     if "test" in data:
         evaluations["test"] = (task, data["test"])

@@ -21,7 +21,7 @@ import optax
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, masks, models, peft, sft
-from peftdebias_jax.data import cda, pipeline, records, synthetic
+from peftdebias_jax.data import cda, pipeline, records, sampling, synthetic
 from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.data.tokenizer import train_wordpiece
@@ -119,19 +119,26 @@ def word_lists(config: ml_collections.ConfigDict) -> dict:
     return cda.load_word_lists(config.upstream.word_list)
 
 
-def upstream_texts(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
-    """(train, validation) texts; without a validation file a seeded fraction is held out.
-    train_file "synthetic" renders a small templated corpus (smoke runs, demos)."""
+def upstream_texts(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], dict]:
+    """(train, validation) texts and what the split caps kept; without a validation file a
+    seeded fraction is held out. train_file "synthetic" renders a small templated corpus
+    (smoke runs, demos)."""
     up = config.upstream
+    caps = sampling.check_caps(up.max_examples, "config.upstream.max_examples")
     if up.train_file == "synthetic":
         train = synthetic.corpus(config.axis, up.synthetic_size, config.seed)
     else:
         train = records.texts(up.train_file, up.text_column or None)
     if up.validation_file:
-        return train, records.texts(up.validation_file, up.text_column or None)
-    order = np.random.default_rng(config.seed).permutation(len(train))
-    held = max(1, round(len(train) * up.validation_fraction))
-    return [train[i] for i in sorted(order[held:])], [train[i] for i in sorted(order[:held])]
+        validation = records.texts(up.validation_file, up.text_column or None)
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        held = max(1, round(len(train) * up.validation_fraction))
+        train, validation = ([train[i] for i in sorted(order[held:])],
+                             [train[i] for i in sorted(order[:held])])  # fmt: skip
+    train, train_kept = sampling.cap(train, caps["train"], config.seed, "train")
+    validation, kept = sampling.cap(validation, caps["validation"], config.seed, "validation")
+    return train, validation, {"train": train_kept, "validation": kept}
 
 
 def cda_sequences(config, tokenizer, texts: list[str], augmenter) -> list[np.ndarray]:
@@ -231,7 +238,8 @@ def train_mlm(
     )
     pad = tokenizer.pad_token_id
     train_seqs, eval_seqs = sequences
-    batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
+    batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
+                               run_length=up.bucket_run_length)  # fmt: skip
     eval_batches = pipeline.Batches(eval_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
 
     def evaluate(device_state) -> dict[str, float]:
@@ -292,7 +300,7 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         )
     patch_name = next(iter(spec), None)
     augmenter = cda.Augmenter.from_word_lists(word_lists(config), up.word_list_key, up.cda_mode)
-    train_texts, eval_texts = upstream_texts(config)
+    train_texts, eval_texts, sampled = upstream_texts(config)
     words = [w for tuples in word_lists(config).values() for t in tuples for w in t]
     tokenizer = tokenizer_for(config, workdir, train_texts, extra_words=words)
     sequences = (
@@ -311,6 +319,7 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         summary = sparse_upstream(
             config, workdir, (module, params), label_tree, tokenizer, sequences, base_name
         )
+        summary["sampled"] = sampled
         done.write_text(json.dumps(summary, indent=2) + "\n")
         return product
 
@@ -337,7 +346,8 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         export(workdir / "patch_final", final, int(final.step), {})
     if not product.exists():
         export(product, final, int(final.step), {})
-    summary = {"steps": int(final.step), "best": selection.to_record(), "product": str(product)}
+    summary = {"steps": int(final.step), "best": selection.to_record(), "product": str(product),
+               "sampled": sampled}  # fmt: skip
     done.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("upstream done: best eval loss %s at step %s", selection.best, selection.best_step)
     return product
@@ -669,11 +679,34 @@ def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
-    """Fails before anything trains when an input file of any configured phase is missing."""
+    """Fails before anything trains when an input file of any configured phase is missing,
+    or when masked-LM benchmarks would score a local checkpoint's missing MLM head."""
     missing = [f"config.{key}: {path}" for key, path in input_files(config).items()
                if not Path(path).exists()]  # fmt: skip
     if missing:
         raise DataError("input files not found (nothing was run):\n  " + "\n  ".join(missing))
+    if Path(config.model.name).is_dir():  # a hub name is checked once downloaded (evaluate)
+        check_mlm_head(config)
+
+
+def check_mlm_head(config: ml_collections.ConfigDict) -> None:
+    """CrowS-Pairs and StereoSet score the masked-LM head: refuse them for a pretrained
+    checkpoint that has none (its head would be random). SEAT needs no head."""
+    ec = config.evaluate
+    scored = [k for k in ("crows_file", "stereoset_file") if getattr(ec, k)]
+    if "evaluate" not in config.phases or not scored or config.model.init != "pretrained":
+        return
+    if config.upstream.dense and "upstream" in config.phases:
+        return  # the dense model is scored, with the head it was trained with
+    if not models.has_mlm_head(config.model.name):
+        raise ConfigError(
+            f"config.model.name={config.model.name}: the checkpoint has no masked-LM head, so "
+            f"{' and '.join(f'config.evaluate.{k}' for k in scored)} would be scored by a "
+            "randomly initialised head. Use a checkpoint with an MLM head (e.g. "
+            "bert-base-uncased), or skip them: "
+            + " ".join(f'--config.evaluate.{k}=""' for k in scored)
+            + " (SEAT needs no head)"
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from peftdebias_jax.data import mlm, pipeline
 
@@ -82,16 +83,47 @@ def test_training_batches_are_bucketed_full_and_deterministic():
     assert seen == set(range(len(seqs))), "every sequence is seen each epoch"
 
 
-def test_stream_resumes_at_a_position():
-    batches = pipeline.Batches(sequences(), 4, 64, 0, seed=3)
-    full = [spec for _, (_, _, spec) in zip(range(30), batches.stream(), strict=False)]
-    stream = batches.stream()
-    for _ in range(12):
-        epoch, index, _ = next(stream)
-    resumed = [
-        spec for _, (_, _, spec) in zip(range(18), batches.stream(epoch, index + 1), strict=False)
-    ]
-    assert resumed == full[12:]
+def calls_until(batches, limits):
+    """Cut the stream into calls of the given limits: (specs of each call, end positions)."""
+    position, calls, ends = (0, 0), [], []
+    for limit in limits:
+        specs, position = batches.next_call(*position, limit)
+        calls.append(specs)
+        ends.append(position)
+    return calls, ends
+
+
+@pytest.mark.parametrize("run_length", [1, 3, 50])
+def test_calls_are_single_bucket_and_never_change_the_order(run_length):
+    batches = pipeline.Batches(sequences(90), 4, 64, 0, seed=3, run_length=run_length)
+    epochs = [batches.training_epoch(e) for e in range(20)]
+    flat = [spec for epoch in epochs for spec in epoch]
+    for limits in ([1] * 40, [10] * 40, [3, 1, 7, 2, 10] * 8):
+        calls, ends = calls_until(batches, limits)
+        assert all(0 < len(c) <= limit for c, limit in zip(calls, limits, strict=True))
+        assert all(len({spec.length for spec in c}) == 1 for c in calls), "one shape per call"
+        taken = [spec for c in calls for spec in c]
+        assert taken == flat[: len(taken)], "the order does not depend on the cut"
+        # resuming from any call's end continues the same order
+        for i in (3, 17):
+            resumed = pipeline.Batches(sequences(90), 4, 64, 0, seed=3, run_length=run_length)
+            specs, _ = resumed.next_call(*ends[i], 1)
+            assert specs == calls[i + 1][:1]
+
+
+def test_epoch_order_is_runs_of_one_bucket():
+    batches = pipeline.Batches(sequences(200), 2, 64, 0, seed=1, run_length=4)
+    epoch = batches.training_epoch(0)
+    assert len({spec.length for spec in epoch}) == 3
+    lengths = [spec.length for spec in epoch]
+    changes = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+    assert len(changes) >= 3, "runs of different buckets are shuffled together"
+    # same-bucket stretches are whole runs (adjacent runs of a bucket may meet): never
+    # more stretches than runs
+    runs = sum(-(-len(rows) // 2 // 4) for rows in batches.buckets.values())
+    assert len(changes) + 1 <= runs
+    plain = pipeline.Batches(sequences(200), 2, 64, 0, seed=1, run_length=1).training_epoch(0)
+    assert sorted(s.rows for s in epoch) == sorted(s.rows for s in plain), "same batches"
 
 
 def test_evaluation_covers_every_row_once():

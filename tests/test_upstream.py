@@ -1,5 +1,6 @@
 """The upstream phase on a tiny random model: it learns, resumes exactly, fails loudly."""
 
+import contextlib
 import json
 
 import jax
@@ -77,25 +78,34 @@ class Interrupted(Exception):
     pass
 
 
+@contextlib.contextmanager
+def kill_at_batch(monkeypatch, n):
+    """A kill while training step `n` is prepared: the n-th training batch raises (inside
+    a compiled call of several steps when steps_per_call > 1)."""
+    real = pipeline.Batches.next_call
+    taken = [0]
+
+    def dying(self, epoch, index, limit):
+        specs, position = real(self, epoch, index, limit)
+        if taken[0] < n <= taken[0] + len(specs):
+            raise Interrupted(f"killed during step {n}")
+        taken[0] += len(specs)
+        return specs, position
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline.Batches, "next_call", dying)
+        yield
+
+
 @pytest.mark.parametrize("steps_per_call", [1, 3])
 def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch, steps_per_call):
     settings = dict(num_steps=8, learning_rate=1e-2, eval_every=4, checkpoint_every=2,
                     log_every=4, steps_per_call=steps_per_call)  # fmt: skip
     phases.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
 
-    real_stream = pipeline.Batches.stream
-
-    def dying_stream(self, epoch=0, index=0):
-        for count, item in enumerate(real_stream(self, epoch, index)):
-            if count == 5:
-                raise Interrupted("killed during step 6")
-            yield item
-
-    monkeypatch.setattr(pipeline.Batches, "stream", dying_stream)
-    with pytest.raises(Interrupted):
+    with kill_at_batch(monkeypatch, 6), pytest.raises(Interrupted):
         phases.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
     assert checkpoint.TrainCheckpoints(tmp_path / "resumed/checkpoints/upstream").latest_step() == 4
-    monkeypatch.setattr(pipeline.Batches, "stream", real_stream)
     phases.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
 
     for name in ("patch_final", "patch"):

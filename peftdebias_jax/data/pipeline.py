@@ -2,15 +2,17 @@
 
 Every batch of a bucket has the same shape [batch_size, bucket_length], so a jitted step
 compiles once per bucket. The order of training batches is a pure function of
-(seed, epoch), so a run resumes at (epoch, index) with exactly the batches it would have
-seen. Each batch row carries its position in the global batch (`index`, which seeds its
-training masks), its dataset row (`row`, which seeds its fixed evaluation masks) and a
-`weight` (0 for filler rows of a last, short eval batch).
+(seed, epoch): shuffled runs of up to `run_length` batches of one bucket, so that a
+compiled call of several steps (`next_call`) stacks batches of one shape; a run resumes at
+(epoch, index) with exactly the batches it would have seen. Each batch row carries its
+position in the global batch (`index`, which seeds its training masks), its dataset row
+(`row`, which seeds its fixed evaluation masks) and a `weight` (0 for filler rows of a
+last, short eval batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +83,14 @@ class Batches:
         seed: int = 0,
         token_types: Sequence[np.ndarray] | None = None,
         labels: Sequence[int] | None = None,
+        run_length: int = 1,
     ) -> None:
         if not sequences:
             raise ValueError("no sequences to batch")
+        if run_length < 1:
+            raise ValueError(f"run_length must be a positive integer, got {run_length!r}")
+        self.run_length = run_length
+        self._epoch: tuple[int, list[BatchSpec]] | None = None  # the last epoch's order
         self.sequences = list(sequences)
         self.token_types = list(token_types) if token_types is not None else None
         self.labels = np.asarray(labels, np.int32) if labels is not None else None
@@ -97,18 +104,40 @@ class Batches:
             self.buckets.setdefault(length, []).append(i)
 
     def training_epoch(self, epoch: int) -> list[BatchSpec]:
-        """Shuffled full batches; a bucket's last batch wraps around to its first rows."""
+        """Shuffled full batches (a bucket's last batch wraps around to its first rows) in
+        shuffled runs of up to `run_length` consecutive batches of one bucket."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
         rng = np.random.default_rng([self.seed, epoch])
-        specs = []
+        runs = []
         for length in sorted(self.buckets):
             rows = rng.permutation(self.buckets[length])
             count = -(-len(rows) // self.batch_size)
             padded = np.resize(rows, count * self.batch_size)
-            for start in range(0, len(padded), self.batch_size):
-                chunk = tuple(int(r) for r in padded[start : start + self.batch_size])
-                specs.append(BatchSpec(length, chunk, self.batch_size))
-        order = rng.permutation(len(specs))
-        return [specs[i] for i in order]
+            specs = [
+                BatchSpec(length, tuple(int(r) for r in padded[s : s + self.batch_size]),
+                          self.batch_size)
+                for s in range(0, len(padded), self.batch_size)
+            ]  # fmt: skip
+            runs += [specs[i : i + self.run_length] for i in range(0, len(specs), self.run_length)]
+        order = rng.permutation(len(runs))
+        self._epoch = (epoch, [spec for i in order for spec in runs[i]])
+        return self._epoch[1]
+
+    def next_call(
+        self, epoch: int, index: int, limit: int
+    ) -> tuple[list[BatchSpec], tuple[int, int]]:
+        """The training batches of one compiled call from position (epoch, index): up to
+        `limit` consecutive batches of one bucket within one epoch, and the position after
+        them. Calls never change the order, only where it is cut."""
+        specs = self.training_epoch(epoch)
+        if index >= len(specs):
+            epoch, index = epoch + 1, 0
+            specs = self.training_epoch(epoch)
+        end = index + 1
+        while end < len(specs) and end - index < limit and specs[end].length == specs[index].length:
+            end += 1
+        return specs[index:end], (epoch, end)
 
     def evaluation(self) -> list[BatchSpec]:
         """Every row once, in order; a short last batch is filled with weight-0 rows."""
@@ -148,11 +177,3 @@ class Batches:
             "row": rows_of,
             "weight": (positions < spec.real).astype(np.float32),
         }
-
-    def stream(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, BatchSpec]]:
-        """(epoch, index, spec) forever, starting at a resume position."""
-        while True:
-            specs = self.training_epoch(epoch)
-            for i in range(index, len(specs)):
-                yield epoch, i, specs[i]
-            epoch, index = epoch + 1, 0

@@ -9,12 +9,14 @@ loading, before any training starts.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftdebias_jax.data.records import DataError, read_records, where
+from peftdebias_jax.errors import ConfigError
 
 # the INLP split's 28 professions, in profession2index.txt order (alphabetical)
 PROFESSIONS = (
@@ -76,6 +78,8 @@ class Task:
     schemas: tuple[Schema, ...]
     labels: tuple[str, ...] | None  # None: sorted labels of the train split (as the reference)
     selection: str  # "accuracy" or "macro_f1"
+    # the reference code's fixed loss weights (its full, imbalanced corpora); a task that has
+    # them is one whose classes are re-weighted ("auto" derives them from the train split)
     class_weights: dict[str, float] = field(default_factory=dict)
     group_name: str | None = None  # what `Example.group` holds (gender, dialect, ...)
     positive: str | None = None  # the "toxic" label, for FPRD / parity metrics
@@ -249,6 +253,40 @@ def load_split(
             raise DataError(f"{where(record, source)}: field {schema.columns[0]!r} has no text")
         examples.append(Example(text, label, pair, group, str(record.get("id", number))))
     return examples
+
+
+CLASS_WEIGHT_MODES = ("auto", "reference", "none")
+
+
+def class_weights(
+    task: Task, labels: Sequence[str], train: Sequence[Example], setting: str, key: str
+) -> dict[str, float]:
+    """Loss weight per label. "auto": for tasks the reference re-weights (GHC, Stormfront),
+    the largest class count of this training split over each label's count (balanced
+    splits get 1 everywhere), else 1; "reference": the reference code's fixed weights (GHC
+    hate 10, Stormfront 6.7); "none": 1; or explicit "label=weight,..." (others 1)."""
+    if setting == "none" or (setting == "auto" and not task.class_weights):
+        return {label: 1.0 for label in labels}
+    if setting == "reference":
+        return {label: float(task.class_weights.get(label, 1.0)) for label in labels}
+    if setting == "auto":
+        counts = Counter(e.label for e in train)
+        most = max(counts.values())
+        return {label: most / counts[label] if counts[label] else 1.0 for label in labels}
+    weights = {label: 1.0 for label in labels}
+    for part in setting.split(","):
+        label, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or label.strip() not in weights or not weight > 0 or weight == float("inf"):
+            raise ConfigError(
+                f"{key}={setting!r}: expected one of {CLASS_WEIGHT_MODES} or 'label=weight,...' "
+                f"with labels from {list(labels)} and finite positive weights"
+            )
+        weights[label.strip()] = weight
+    return weights
 
 
 def label_set(task: Task, train: Sequence[Example]) -> tuple[str, ...]:

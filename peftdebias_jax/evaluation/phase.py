@@ -43,9 +43,10 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]:
     """The tokenizer and {name: (module, params)} of the MLM models to score."""
     from peftdebias_jax.downstream import load_all_patches
-    from peftdebias_jax.phases import build_model, tokenizer_for, untie_decoder
+    from peftdebias_jax.phases import build_model, check_mlm_head, tokenizer_for, untie_decoder
 
     dense = workdir / "dense_model"
+    check_mlm_head(config)
     if config.upstream.dense and dense.exists():
         tokenizer = tokenizer_for(config, workdir, base=dense)
         return tokenizer, {"full_debias": build_model(config, "mlm", base=dense)}

@@ -5,6 +5,7 @@ from peftdebias_jax.models.model import EncoderModel, EncoderOutput, abstract_pa
 from peftdebias_jax.models.pretrained import (
     from_config,
     from_pretrained,
+    has_mlm_head,
     load_tokenizer,
     resolve_checkpoint_dir,
     save_pretrained,
@@ -20,6 +21,7 @@ __all__ = [
     "abstract_params",
     "from_config",
     "from_pretrained",
+    "has_mlm_head",
     "hf_key",
     "init_params",
     "load_tokenizer",

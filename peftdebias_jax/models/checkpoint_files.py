@@ -136,6 +136,29 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def weight_keys(path: Path) -> set[str]:
+    """The tensor names of a weights file, read from its header or shard index only (a torch
+    .bin has neither: it is loaded)."""
+    name = path.name
+    if name.endswith(".index.json"):
+        try:
+            return set(json.loads(path.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: not a valid shard index ({err})") from None
+    if name.endswith(".safetensors"):
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+        return {k for k in header if k != "__metadata__"}
+    return set(read_weights(path))
+
+
 def read_sharded(index_path: Path, reader) -> dict[str, np.ndarray]:
     """Tensors of a sharded checkpoint described by an `*.index.json` weight map."""
     try:

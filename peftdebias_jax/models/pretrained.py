@@ -14,7 +14,7 @@ import jax
 
 from peftdebias_jax.errors import CheckpointError, ConfigError
 from peftdebias_jax.files import staged_directory
-from peftdebias_jax.models.checkpoint_files import find_weights, read_weights
+from peftdebias_jax.models.checkpoint_files import find_weights, read_weights, weight_keys
 from peftdebias_jax.models.config import EncoderConfig, read_config_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params, init_leaves, init_params
 from peftdebias_jax.models.seams import Patch
@@ -167,9 +167,25 @@ def from_pretrained(
     log.info("loaded %d tensors from %s", len(report.loaded), weights_path)
     if report.initialised:
         log.info("freshly initialised (not in the checkpoint): %s", report.initialised)
+    if head == "mlm" and not has_mlm_head(directory):
+        log.warning(
+            "%s has no masked-LM head (no %s weights): the head is freshly initialised, so "
+            "its masked-token scores mean nothing until the head is trained",
+            directory, " / ".join(f"{p}.*" for p in MLM_HEAD_PREFIXES),
+        )  # fmt: skip
     if report.unused:
         log.warning("unused checkpoint keys in %s: %s", weights_path, report.unused)
     return module, params
+
+
+MLM_HEAD_PREFIXES = ("cls.predictions.transform", "lm_head.dense")
+
+
+def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds a trained masked-LM head (its transform weights), read
+    from the weights file's header: sentence encoders such as all-MiniLM-L6-v2 ship none."""
+    keys = weight_keys(find_weights(resolve_checkpoint_dir(path_or_name)))
+    return any(k.startswith(MLM_HEAD_PREFIXES) for k in keys)
 
 
 def patch_paths(module: EncoderModel) -> set[tuple[str, ...]]:

@@ -4,9 +4,10 @@ Resumes from the latest checkpoint in the workdir (same batches, same randomness
 loss and throughput every `log_every` steps (metrics stay on the device in between),
 evaluates every `eval_every` steps, keeps the best step by a chosen metric (calling
 `on_best`, e.g. to save the patch), checkpoints every `checkpoint_every` steps, runs up to
-`steps_per_call` steps in one compiled call (stopping at each of those steps), and stops
-with an error naming the step if the loss or gradient norm stops being finite; the last
-checkpoint saved before that is kept.
+`steps_per_call` batches of one length bucket in one compiled call (stopping at each of
+those steps), and stops with an error naming the step if the loss or gradient norm stops
+being finite; the last checkpoint saved before that is kept. Logged throughput counts
+training time only (evaluations and checkpoint saves are left out).
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ class FitSettings:
                 )
 
 
+class TrainClock:
+    """Seconds of training since the last `mark`, less the runner's compiling in between."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.mark()
+
+    def mark(self) -> None:
+        self.began, self.compiled = time.perf_counter(), self.runner.compile_seconds
+
+    def elapsed(self) -> float:
+        compiling = self.runner.compile_seconds - self.compiled
+        return time.perf_counter() - self.began - compiling
+
+
 class MetricsLog:
     """Appends JSON lines (one per log or evaluation, with the phase name) to a file."""
 
@@ -148,13 +164,12 @@ def fit(
         return state, selection
 
     device_state = runner.put_state(state)
-    stream = batches.stream(epoch, index)
+    position = (epoch, index)
     progress = Progress(settings.num_steps, start, settings.name)
     pending: list[tuple[int, int, Any]] = []  # (first step, count, stacked metrics)
-    last_flush = time.perf_counter()
+    clock = TrainClock(runner)
 
     def flush(done: int) -> None:
-        nonlocal last_flush
         if not pending:
             return
         host = []  # (step, its metrics) for every step since the last flush
@@ -177,8 +192,8 @@ def fit(
                         f"{settings.name}: {what} at step {s}; stopping. The last "
                         f"good checkpoint (step {kept}) is kept in {checkpoints.directory}"
                     )
-        elapsed = time.perf_counter() - last_flush
-        last_flush = time.perf_counter()
+        elapsed = clock.elapsed()
+        clock.mark()
         loss = float(np.mean([float(v["loss"]) for _, v in host]))
         grad_norm = float(np.mean([float(v["grad_norm"]) for _, v in host]))
         rate = len(host) * runner.batch_size / elapsed if elapsed > 0 else 0.0
@@ -193,11 +208,11 @@ def fit(
     done = start
     try:
         while done < settings.num_steps:
-            count = steps_until_boundary(done, periods, settings)
-            chunk = [next(stream) for _ in range(count)]
-            epoch, index = chunk[-1][0], chunk[-1][1]
+            limit = steps_until_boundary(done, periods, settings)
+            specs, position = batches.next_call(*position, limit)
+            count = len(specs)
             rows = runner.local_rows()
-            batch_list = [batches.materialize(spec, rows) for _, _, spec in chunk]
+            batch_list = [batches.materialize(spec, rows) for spec in specs]
             stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
             device_state, metrics = train_step(device_state, stacked, counter)
             pending.append((done + 1, count, metrics))
@@ -214,16 +229,18 @@ def fit(
                     selection.best, selection.best_step = results[selection.metric], done
                     if on_best is not None:
                         on_best(runner.get_state(device_state), done, results)
+                clock.mark()  # the next interval's rate counts training only
             if done % settings.checkpoint_every == 0 or last:
                 flush(done)
                 record = {
-                    "epoch": epoch,
-                    "index": index + 1,
+                    "epoch": position[0],
+                    "index": position[1],
                     "selection": selection.to_record() if selection else None,
                     **settings.extra_record,
                 }
                 host_state = runner.get_state(device_state)
                 checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
+                clock.mark()
     finally:
         progress.close()
         checkpoints.close()

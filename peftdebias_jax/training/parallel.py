@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,8 @@ def resolve_mode(mode: str) -> str:
 
 
 class Runner:
-    """Places state and batches on devices and runs compiled steps; counts compiles."""
+    """Places state and batches on devices and runs compiled steps; counts compiles and the
+    seconds spent compiling (`compile_seconds`, which throughput figures leave out)."""
 
     def __init__(self, mode: str, batch_size: int, field: str = "batch_size") -> None:
         self.mode = resolve_mode(mode)
@@ -51,6 +53,7 @@ class Runner:
                 f"{self.mode!r}"
             )
         self.batch_size = batch_size
+        self.compile_seconds = 0.0
         if self.mode in ("jit", "pmap"):
             devices = self.devices if self.mode == "jit" else jax.local_devices()
             self.mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -99,15 +102,18 @@ class Runner:
 
         def run(state, batch, *rest):
             shape = tuple(batch["input_ids"].shape)
-            big = False
+            big, began = False, time.perf_counter()
             if shape not in executables:
                 count = len(executables) + 1
                 log.info("compiling %s for batch shape %s (compile #%d)", name, shape, count)
                 # a big train step: one-off programs (init, loading) are dropped before it
                 big = repeated and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
+            new = shape not in executables
             executable = memory.compiled_ahead(
                 compiled, executables, shape, state, batch, *rest, drop_caches=big
             )
+            if new:
+                self.compile_seconds += time.perf_counter() - began
             return executable(state, batch, *rest)
 
         return run
