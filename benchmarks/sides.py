@@ -141,10 +141,10 @@ class Ours:
             return
         # imported only for the training cases: the scoring worker loads what scoring needs,
         # as the reference's does
-        from peftdebias_jax import masks, peft, phases
+        from peftdebias_jax import masks, peft
         from peftdebias_jax.data import pipeline
-        from peftdebias_jax.training import memory, parallel, steps
-        from peftdebias_jax.training.state import TrainState, adamw
+        from peftdebias_jax.training import memory, steps
+        from peftdebias_jax.training.trainer import Optimizer, build_trainer
 
         method = METHOD[case]
         patches = {"debias": peft.PatchConfig(method, **PATCH[method])}
@@ -152,25 +152,36 @@ class Ours:
         module, params = models.from_config(config, head, NUM_LABELS if head != "mlm" else None,
                                              patches, seed=0)  # fmt: skip
         if head == "mlm":  # the upstream trainable set: patch + MLM head transform and bias
-            rules = [(masks.patch_regex("debias"), "train"), *phases.head_rules(module)]
+            rules = [
+                (masks.patch_regex("debias"), "train"),
+                *masks.mlm_head_rules(module.config.model_type),
+            ]
         else:  # downstream: everything but the frozen patch and the LayerNorms
             rules = [(masks.patch_regex("debias"), "freeze"), (r".*/LayerNorm/.*", "freeze"),
                      (".*", "train")]  # fmt: skip
         label_tree = masks.labels(params, [*rules, (".*", "freeze")])
         self.trainable = masks.counts(params, label_tree)[0]
-        tx = masks.optimizer(adamw(1e-4, 10_000, 1.0), label_tree)
-        state = TrainState.create(params, tx, 0)
-        self.opt_bytes = memory.tree_bytes(state.opt_state)
-        self.runner = parallel.Runner("single", shapes.batch, "batch")
         if head == "mlm":
             masking = steps.MaskingConfig(special_ids=(0, 100, 101, 102, 103), mask_id=103,
                                           vocab_size=vocab, rate=0.15)  # fmt: skip
-            step = steps.make_mlm_train_step(module, tx, label_tree, masking, None, 0.0, 1,
-                                             max_predictions)  # fmt: skip
+
+            def make_step(tx, axis_name):
+                return steps.make_mlm_train_step(module, tx, label_tree, masking, axis_name, 0.0,
+                                                 1, max_predictions)  # fmt: skip
         else:
             weights = jax.numpy.ones((NUM_LABELS,), jax.numpy.float32)
-            step = steps.make_classification_train_step(module, tx, label_tree, weights)
-        self.step_fn = self.runner.compile_repeated(step, f"{case} step")
+
+            def make_step(tx, axis_name):
+                return steps.make_classification_train_step(module, tx, label_tree, weights,
+                                                            axis_name)  # fmt: skip
+
+        trainer = build_trainer(params, label_tree, Optimizer(1e-4, 10_000, 1.0), make_step,
+                                seed=0, mode="single", batch_size=shapes.batch, batch_key="batch",
+                                name=case)  # fmt: skip
+        state = trainer.state
+        self.opt_bytes = memory.tree_bytes(state.opt_state)
+        self.runner = trainer.runner
+        self.step_fn = trainer.train_step
         self.slots = slots
         sequences = list(random_ids(shapes, 0))
         labels = list(np.random.default_rng(1).integers(0, NUM_LABELS, len(sequences)))

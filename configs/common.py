@@ -4,7 +4,8 @@ Hyper-parameters follow the reference code (METHOD.md §3.5, §5.5) where paper 
 disagree, and say so in a comment. Presets: "" (paper setting), "demo" (offline, small),
 "smoke" (seconds, for tests).
 
-Run: python run.py --config=configs/common.py:smoke   (builds the model and exits)
+Run: python run.py --config=configs/common.py:smoke   (no patch, gender axis: the downstream
+     FT baseline of the smoke preset; the per-method files are what users run)
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ corpus, frozen while fine-tuning on MNLI; Bias-NLI probes scored for FN.
 Run: python run.py --config=configs/gender_transfer.py          (paper setting)
      python run.py --config=configs/gender_transfer.py:demo     (offline demo)
      python run.py --config=configs/gender_transfer.py:smoke    (seconds, for tests)
-Another patch method: --config.patch.method=lora (and its settings, e.g. --config.patch.r).
+Another patch method: learn it with configs/gender_<method>.py, then transfer its patch:
+     --config.phases='("downstream",)' --config.downstream.patches='("runs/gender_lora/patch",)'
 """
 
 from configs import common

@@ -4,7 +4,8 @@ Corpus, frozen while fine-tuning on the Large Hate Corpus; FPRD in-domain and on
 Run: python run.py --config=configs/race_transfer.py          (paper setting)
      python run.py --config=configs/race_transfer.py:demo     (offline demo)
      python run.py --config=configs/race_transfer.py:smoke    (seconds, for tests)
-Another patch method: --config.patch.method=lora (and its settings, e.g. --config.patch.r).
+Another patch method: learn it with configs/race_<method>.py, then transfer its patch:
+     --config.phases='("downstream",)' --config.downstream.patches='("runs/race_lora/patch",)'
 """
 
 from configs import common

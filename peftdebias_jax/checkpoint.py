@@ -27,7 +27,8 @@ from peftdebias_jax import masks
 from peftdebias_jax.errors import CheckpointError
 from peftdebias_jax.files import read_json, staged_directory
 from peftdebias_jax.models.model import EncoderModel, abstract_params
-from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.models.seams import PATCH_KINDS, Patch
+from peftdebias_jax.peft import sft
 from peftdebias_jax.peft.config import PatchConfig
 
 FORMAT_VERSION = 1
@@ -230,11 +231,20 @@ def load_patch(
 
 def load_patches(
     directories: list[Path], module: EncoderModel, params: dict
-) -> tuple[EncoderModel, dict]:
-    """`load_patch` for each directory in turn (a stack, in order)."""
+) -> tuple[EncoderModel, dict, dict]:
+    """Every patch directory in turn (a stack, in order): module patches are added as
+    modules (`load_patch`; frozen by mask rules), sparse SFT diffs are added to the weights
+    (`load_sft_patch`). Returns (module, params, {leaf path: bool entries a diff changed}),
+    the entries to freeze one by one."""
+    changed: dict = {}
     for directory in directories:
-        module, params = load_patch(directory, module, params)
-    return module, params
+        if is_sft_patch(directory):
+            params, support = load_sft_patch(directory, module, params)
+            for path, entries in support.items():
+                changed[path] = changed[path] | entries if path in changed else entries
+        else:
+            module, params = load_patch(directory, module, params)
+    return module, params, changed
 
 
 def rename_patch(leaves: dict, old: str, new: str) -> dict:
@@ -243,7 +253,7 @@ def rename_patch(leaves: dict, old: str, new: str) -> dict:
 
     def rename(part: str) -> str:
         kind, _, rest = part.partition("_")
-        return f"{kind}_{new}" if kind in masks.PATCH_KINDS and rest == old else part
+        return f"{kind}_{new}" if kind in PATCH_KINDS and rest == old else part
 
     renamed = {tuple(rename(p) for p in path[:-1]) + path[-1:]: v for path, v in flat.items()}
     return traverse_util.unflatten_dict(renamed)
@@ -306,3 +316,66 @@ def save_tree(directory: str | Path, tree: Any) -> Path:
 def load_tree(directory: str | Path) -> Any:
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(Path(directory).absolute())
+
+
+def save_sft_patch(
+    directory: str | Path,
+    diff: dict[str, dict[str, np.ndarray]],
+    module,
+    base_params: dict,
+    *,
+    fraction: float,
+    k: int,
+    axis: str | None = None,
+    base_model_name: str | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """patch.json (method "sft", k, per-leaf shapes and stored entries) + the sparse diff,
+    saved with Orbax; `base_params` are the pre-trained weights the diff applies to."""
+    flat = traverse_util.flatten_dict(base_params)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "name": sft.METHOD,
+        "patch": {"method": sft.METHOD, "fraction": fraction, "k": k},
+        "axis": axis,
+        "base_model": base_identity(module, base_params, base_model_name),
+        "leaves": {
+            key: {"shape": list(np.shape(flat[tuple(key.split("/"))])), "stored": entry_count}
+            for key, entry_count in sorted((k, int(e["indices"].size)) for k, e in diff.items())
+        },
+        "training": training or {},
+    }
+    directory = Path(directory).absolute()
+    with staged_directory(directory) as staging:
+        staging.mkdir()
+        with ocp.StandardCheckpointer() as checkpointer:
+            # Orbax keys may not hold "/": the leaf paths are stored as a list instead.
+            checkpointer.save(staging / WEIGHTS, {"diff": [diff[k] for k in sorted(diff)]})
+        (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+def is_sft_patch(directory: str | Path) -> bool:
+    path = Path(directory) / PATCH_JSON
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("patch", {}).get("method") == sft.METHOD
+
+
+def load_sft_patch(
+    directory: str | Path, module, params: dict, check_fingerprint: bool = True
+) -> tuple[dict, dict]:
+    """(params + diff, {path: bool support}) for a saved SFT patch; the base must be the
+    one the diff was computed against (sizes and, unless told otherwise, fingerprint)."""
+    directory = Path(directory).absolute()
+    info = read_patch_info(directory)
+    check_base(info, module, params, directory / PATCH_JSON, check_fingerprint)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.restore(directory / WEIGHTS)["diff"]
+    keys = sorted(info["leaves"])
+    if len(keys) != len(stored):
+        raise CheckpointError(
+            f"{directory}: {len(stored)} stored leaves, but patch.json lists {len(keys)}"
+        )
+    diff = dict(zip(keys, stored, strict=True))
+    return sft.apply_diff(params, diff, directory), sft.support(diff, params)

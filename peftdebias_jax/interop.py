@@ -25,9 +25,10 @@ from peftdebias_jax import masks
 from peftdebias_jax.checkpoint import config_of, find_patch, insert_leaves, with_patch
 from peftdebias_jax.errors import CheckpointError
 from peftdebias_jax.files import read_json
-from peftdebias_jax.models.checkpoint_files import read_safetensors
 from peftdebias_jax.models.model import EncoderModel, abstract_params
 from peftdebias_jax.models.pretrained import TWIN_CLASSES
+from peftdebias_jax.models.seams import PATCH_KINDS
+from peftdebias_jax.models.weight_files import read_safetensors
 from peftdebias_jax.models.weights import hf_key
 from peftdebias_jax.peft.config import PatchConfig
 
@@ -162,7 +163,7 @@ def adapters_key(module: EncoderModel, path: tuple[str, ...], name: str) -> str:
     scope = next(
         i
         for i, part in enumerate(path[:-1])
-        if part.partition("_")[0] in masks.PATCH_KINDS and part.partition("_")[2] == name
+        if part.partition("_")[0] in PATCH_KINDS and part.partition("_")[2] == name
     )
     kind = path[scope].partition("_")[0]
     owner = strip_base(module, hf_key((*path[:scope], "x"))[: -len(".x")])

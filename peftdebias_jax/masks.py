@@ -20,12 +20,12 @@ import optax
 from flax import traverse_util
 
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.models.seams import PATCH_KINDS
 
 log = logging.getLogger(__name__)
 
 TRAIN, FREEZE = "train", "freeze"
 Rules = Sequence[tuple[str, str]]
-PATCH_KINDS = ("lora", "adapter", "prefix", "prompt", "patch")
 
 
 def path_str(path: tuple[str, ...]) -> str:
@@ -35,6 +35,24 @@ def path_str(path: tuple[str, ...]) -> str:
 def patch_regex(name: str) -> str:
     """A rule regex selecting every leaf of the patch called `name`, whatever its method."""
     return rf"(.*/)?({'|'.join(PATCH_KINDS)})_{re.escape(name)}/.*"
+
+
+# Mask recipes shared by the phases and the benchmark.
+LAYER_NORM_RULES = [(r".*/LayerNorm/.*", FREEZE), (r".*/layer_norm/.*", FREEZE)]
+# Dense CDA training (Full-Debias, SFT's dense phase): all but the LayerNorms and the
+# untied, frozen decoder.
+DENSE_CDA_RULES = [
+    *LAYER_NORM_RULES,
+    (r"(cls/predictions|lm_head)/decoder/kernel", FREEZE),
+    (r".*", TRAIN),
+]
+
+
+def mlm_head_rules(model_type: str) -> list[tuple[str, str]]:
+    """The MLM head parts the reference trains upstream (then drops): transform + bias."""
+    if model_type == "roberta":
+        return [(r"lm_head/(dense|layer_norm)/.*", TRAIN), (r"lm_head/bias", TRAIN)]
+    return [(r"cls/predictions/transform/.*", TRAIN), (r"cls/predictions/bias", TRAIN)]
 
 
 def patch_name(path: tuple[str, ...]) -> str | None:

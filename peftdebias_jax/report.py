@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftdebias_jax.data import synthetic
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.files import read_json
 
@@ -247,8 +248,6 @@ def planted_bias(run: Run) -> str:
     config = run.config.get("downstream", {})
     if config.get("train_file") != "synthetic" or not run.downstream:
         return ""
-    from peftdebias_jax.data import synthetic
-
     rates = group_rates(run)[1]
     strength = config.get("synthetic_bias", 0.9)
     if run.downstream["task"] in HATE_TASKS and rates:

@@ -33,8 +33,8 @@ def run(mode: str, workdir: Path, name: str) -> dict:
     config.downstream.update(num_steps=4, batch_size=8, learning_rate=1e-3, eval_every=2,
                              log_every=4, checkpoint_every=4, steps_per_call=4)  # fmt: skip
     config.parallel.mode = mode
-    phases.upstream(config, workdir / mode)
-    phases.downstream(config, workdir / mode)
+    phases.upstream.upstream(config, workdir / mode)
+    phases.downstream.downstream(config, workdir / mode)
     with ocp.StandardCheckpointer() as c:
         leaves = c.restore(workdir / mode / "patch_final" / "weights")
         tuned = c.restore(workdir / mode / "checkpoints" / "downstream" / "4" / "state")

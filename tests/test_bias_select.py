@@ -6,25 +6,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftdebias_jax import bias_select, masks, models
+from peftdebias_jax import masks, models
+from peftdebias_jax.importance import bias_scores
 
 
 def test_beft_score_on_known_vectors():
     b0 = np.array([3.0, -1.0, 2.0])
-    assert bias_select.beft_score(b0, b0) == pytest.approx(0.0)
-    assert bias_select.beft_score(np.array([1.0, 0.0]), np.array([0.0, 5.0])) == pytest.approx(1.0)
+    assert bias_scores.beft_score(b0, b0) == pytest.approx(0.0)
+    assert bias_scores.beft_score(np.array([1.0, 0.0]), np.array([0.0, 5.0])) == pytest.approx(1.0)
     # scaled copies: only the magnitude ratio r counts, cos = 1
-    assert bias_select.beft_score(2 * b0, b0) == pytest.approx(0.5)
-    assert bias_select.beft_score(0.25 * b0, b0) == pytest.approx(0.75)
+    assert bias_scores.beft_score(2 * b0, b0) == pytest.approx(0.5)
+    assert bias_scores.beft_score(0.25 * b0, b0) == pytest.approx(0.75)
     # the two written forms of (B1) agree: 1 - r cos(theta)
     rng = np.random.default_rng(0)
     b, c = rng.normal(size=8), rng.normal(size=8)
     r = min(np.linalg.norm(b), np.linalg.norm(c)) / max(np.linalg.norm(b), np.linalg.norm(c))
     cos = b @ c / (np.linalg.norm(b) * np.linalg.norm(c))
-    assert bias_select.beft_score(b, c) == pytest.approx(1 - r * cos)
+    assert bias_scores.beft_score(b, c) == pytest.approx(1 - r * cos)
     with pytest.raises(ValueError, match="b_v of layer 3: a norm is zero"):
-        bias_select.beft_score(b0, np.zeros(3), "b_v of layer 3")
-    assert bias_select.magnitude_score(b0 + 0.5, b0) == pytest.approx(0.5)
+        bias_scores.beft_score(b0, np.zeros(3), "b_v of layer 3")
+    assert bias_scores.magnitude_score(b0 + 0.5, b0) == pytest.approx(0.5)
 
 
 def bert_base(num_labels=2):
@@ -39,13 +40,26 @@ def bert_base(num_labels=2):
 @pytest.mark.parametrize(("types", "expected"), [(None, 104_450), (["b_v"], 11_522)])
 def test_trainable_counts_on_bert_base_match_the_beft_code(types, expected):
     params = bert_base()
-    trainable, _ = masks.counts(params, masks.labels(params, bias_select.rules(types)))
+    trainable, _ = masks.counts(params, masks.labels(params, bias_scores.rules(types)))
     assert trainable == expected
 
 
 def test_unknown_bias_type_is_named():
     with pytest.raises(ValueError, match=r"unknown bias types \['b_x'\]"):
-        bias_select.rules(["b_x"])
+        bias_scores.rules(["b_x"])
+
+
+def test_change_scores_rank_by_a_known_criterion_only():
+    config = models.EncoderConfig(model_type="bert", vocab_size=20, hidden_size=8,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16)  # fmt: skip
+    module = models.EncoderModel(config, "classifier", 2, True)
+    params = models.init_params(module, jax.random.key(0))
+    moved = jax.tree_util.tree_map(lambda x: x + 0.5, params)
+    scores = bias_scores.change_scores(moved, params, "magnitude")
+    assert scores["b_v"] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"rank by 'beft' or 'magnitude', got 'magnitud'"):
+        bias_scores.change_scores(moved, params, "magnitud")
 
 
 def test_key_bias_gets_zero_gradient_in_softmax_attention():
@@ -68,7 +82,7 @@ def test_key_bias_gets_zero_gradient_in_softmax_attention():
         logits = module.apply({"params": p}, ids, mask)
         return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
-    grads = bias_select.by_type(jax.grad(loss)(params))
+    grads = bias_scores.by_type(jax.grad(loss)(params))
     for layer in (0, 1):
         key, query, value = (np.abs(grads[t][layer]).max() for t in ("b_k", "b_q", "b_v"))
         assert query > 1e-5 and value > 1e-5

@@ -8,8 +8,9 @@ import pytest
 from config_fixtures import load_config
 from fit_fixtures import spy_on_fit
 
-from peftdebias_jax import downstream, masks, phases
+from peftdebias_jax import masks, models, phases
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.phases import downstream
 
 
 def tiny(name, **downstream_settings):
@@ -21,9 +22,9 @@ def tiny(name, **downstream_settings):
 
 def test_upstream_patch_stays_frozen_downstream(tmp_path, monkeypatch):
     config = tiny("gender_adapter", num_steps=8, learning_rate=1e-3, synthetic_size=64)
-    phases.upstream(config, tmp_path)
+    phases.upstream.upstream(config, tmp_path)
     captured = spy_on_fit(monkeypatch, downstream)
-    results = phases.downstream(config, tmp_path)
+    results = phases.downstream.downstream(config, tmp_path)
 
     start, final, labels = captured["start"], captured["final"], captured["labels"]
     patch_paths = [p for p in start if masks.patch_name(p) == "debias"]
@@ -50,7 +51,7 @@ def test_upstream_patch_stays_frozen_downstream(tmp_path, monkeypatch):
 
 def test_ft_baseline_has_no_patch_and_fprd_for_hate(tmp_path, monkeypatch):
     captured = spy_on_fit(monkeypatch, downstream)
-    results = phases.downstream(tiny("race_ft", num_steps=4), tmp_path)
+    results = phases.downstream.downstream(tiny("race_ft", num_steps=4), tmp_path)
     assert not any(masks.patch_name(p) for p in captured["start"])
     for key in ("fprd_reference", "fprd_dixon", "fpr_reference_per_term", "macro_f1"):
         assert key in results["validation"], key
@@ -58,14 +59,14 @@ def test_ft_baseline_has_no_patch_and_fprd_for_hate(tmp_path, monkeypatch):
 
 def test_transfer_a_patch_to_another_dataset(tmp_path):
     source = tiny("race_lora")
-    phases.upstream(source, tmp_path / "ghc")
+    phases.upstream.upstream(source, tmp_path / "ghc")
     target = tiny("race_ft", task="stormfront", num_steps=3)
     target.downstream.patches = (str(tmp_path / "ghc" / "patch"),)
     target.model.init = "random"
     (tmp_path / "stormfront").mkdir()
     # the transferred patch was trained on the source run's base: same tokenizer and weights
     (tmp_path / "stormfront" / "tokenizer").symlink_to(tmp_path / "ghc" / "tokenizer")
-    results = phases.downstream(target, tmp_path / "stormfront")
+    results = phases.downstream.downstream(target, tmp_path / "stormfront")
     assert results["task"] == "stormfront" and "fprd_reference" in results["test"]
 
 
@@ -77,10 +78,10 @@ def test_bad_data_fails_before_training(tmp_path, monkeypatch):
     )
     config = tiny("gender_ft", train_file=str(bad))
     with pytest.raises(DataError, match=r"train\.jsonl, line 2: label 'astronaut'"):
-        phases.downstream(config, tmp_path)
+        phases.downstream.downstream(config, tmp_path)
     config = tiny("gender_ft", extra_evals=(f"iptts={tmp_path / 'nope.csv'}",))
     with pytest.raises(DataError, match=r"nope\.csv: data file not found"):
-        phases.downstream(config, tmp_path)
+        phases.downstream.downstream(config, tmp_path)
 
 
 def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
@@ -89,8 +90,8 @@ def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
 
     config = tiny("gender_full_debias", num_steps=3)
     config.upstream.update(num_steps=4, learning_rate=1e-2)
-    captured = spy_on_fit(monkeypatch, phases)
-    dense_dir = phases.upstream(config, tmp_path)
+    captured = spy_on_fit(monkeypatch, phases.upstream)
+    dense_dir = phases.upstream.upstream(config, tmp_path)
     assert dense_dir == tmp_path / "dense_model"
     start, final = captured["start"], captured["final"]
     for path in start:
@@ -99,7 +100,7 @@ def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
         assert changed == (not frozen), path
     # the exported base loads in transformers and computes what our model computes
     reference = transformers.BertForMaskedLM.from_pretrained(dense_dir).eval()
-    module, params = phases.models.from_pretrained(dense_dir, head="mlm")
+    module, params = models.from_pretrained(dense_dir, head="mlm")
     ids = np.array([[2, 10, 11, 12, 3]])
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
@@ -107,7 +108,7 @@ def test_full_debias_dense_upstream_then_fine_tuning(tmp_path, monkeypatch):
         np.asarray(module.apply({"params": params}, ids)), expected, atol=1e-4
     )
 
-    results = phases.downstream(config, tmp_path)
+    results = phases.downstream.downstream(config, tmp_path)
     assert "tpr_gap" in results["test"]
 
 
@@ -133,8 +134,8 @@ def test_transfer_configs_smoke(tmp_path, name):
     if name.startswith("gender"):
         config.downstream.bias_nli_occupations = str(SHARED_DATA / "bias_nli/occupations")
         config.downstream.bias_nli_gendered_words = str(SHARED_DATA / "bias_nli/gendered_words")
-    phases.upstream(config, tmp_path)
-    results = phases.downstream(config, tmp_path)
+    phases.upstream.upstream(config, tmp_path)
+    results = phases.downstream.downstream(config, tmp_path)
     assert results["task"] == ("mnli" if name.startswith("gender") else "lhc")
     assert results["test"]["accuracy"] >= 0
     if name.startswith("gender"):

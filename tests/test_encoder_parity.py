@@ -178,7 +178,7 @@ def test_loading_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatc
 def test_loaded_weights_reach_jax_without_a_copy(tmp_path):
     """Checkpoint tensors land in 64-byte-aligned float32 arrays, which JAX's CPU client
     uses in place: scoring or training a loaded model holds one copy of its weights."""
-    from peftdebias_jax.models.checkpoint_files import ALIGNMENT
+    from peftdebias_jax.models.weight_files import ALIGNMENT
     from peftdebias_jax.models.weights import leaf_paths
 
     save_model(transformers.BertModel, tiny_config("bert"), tmp_path)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from config_fixtures import load_config
 
-from peftdebias_jax import downstream, phases, report
+from peftdebias_jax import phases, report
 from peftdebias_jax.data import synthetic
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.phases import downstream
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*_*.py") if not p.stem.startswith("_"))
@@ -50,7 +51,9 @@ def test_every_config_smoke_end_to_end(tmp_path, name):
 
 
 def test_missing_input_file_fails_before_any_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(phases, "fit", lambda **_: pytest.fail("upstream training started"))
+    monkeypatch.setattr(
+        phases.upstream, "fit", lambda **_: pytest.fail("upstream training started")
+    )
     monkeypatch.setattr(downstream, "fit", lambda **_: pytest.fail("training started"))
     config = load_config("race_adapter", "smoke")
     config.downstream.test_file = str(tmp_path / "gab" / "test.jsonl")

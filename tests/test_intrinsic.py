@@ -225,8 +225,8 @@ def test_evaluate_phase_scores_base_and_patch(tmp_path):
     config.evaluate.seat_dir = str(SHARED_DATA / "seat")
     config.evaluate.seat_tests = ("sent-religion1",)
     config.evaluate.seat_samples = 500
-    phases.upstream(config, tmp_path)
-    results = phases.evaluate(config, tmp_path)
+    phases.upstream.upstream(config, tmp_path)
+    results = phases.evaluate.evaluate(config, tmp_path)
     assert set(results["intrinsic"]) == {"base", "base+debias"}
     base, patched = results["intrinsic"]["base"], results["intrinsic"]["base+debias"]
     assert base["crows"]["evaluated"] == patched["crows"]["evaluated"] > 90
@@ -247,7 +247,7 @@ def test_evaluate_phase_checks_files_first(tmp_path):
     config = load_config("gender_adapter", "smoke")
     config.evaluate.stereoset_file = str(tmp_path / "missing.json")
     with pytest.raises(DataError, match=r"missing\.json: stereoset file not found"):
-        phases.evaluate(config, tmp_path)
+        phases.evaluate.evaluate(config, tmp_path)
 
 
 def test_indistinguishable_tokens_make_a_neutral_pair(tmp_path):

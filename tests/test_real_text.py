@@ -20,8 +20,9 @@ from conftest import SHARED_DATA
 from fit_fixtures import spy_on_fit
 from test_upstream import Interrupted, kill_at_batch, patch_leaves
 
-from peftdebias_jax import downstream, phases
+from peftdebias_jax import phases
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.phases import downstream
 
 GHC = SHARED_DATA / "ghc" / "ghc_train.tsv"
 WORDS = SHARED_DATA / "bias_attribute_words.json"

@@ -41,9 +41,9 @@ def test_unknown_preset_is_an_error():
 
 def test_smoke_model_builds():
     config = load_config(ROOT / "configs" / "gender_lora.py", "smoke")
-    module, params = phases.build_model(config)
+    module, params = phases.common.build_model(config)
     assert module.config.hidden_size == config.model.architecture.hidden_size
-    assert phases.count_params(params) > 0
+    assert phases.common.count_params(params) > 0
 
 
 def test_default_workdir():

@@ -8,8 +8,10 @@ from config_fixtures import load_config
 from fit_fixtures import spy_on_fit
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, downstream, phases, sft
+from peftdebias_jax import checkpoint, phases
 from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.peft import sft
+from peftdebias_jax.phases import downstream
 
 
 def test_top_k_takes_the_largest_moves_and_keeps_ties():
@@ -28,20 +30,20 @@ def sft_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sft")
     config = load_config("gender_sft", "smoke")
     config.upstream.update(num_steps=4, learning_rate=1e-2)
-    phases.upstream(config, workdir)
+    phases.upstream.upstream(config, workdir)
     return config, workdir
 
 
 def test_upstream_moves_only_selected_entries_and_stores_a_sparse_diff(sft_run):
     config, workdir = sft_run
-    module, params = phases.build_model(
-        config, "mlm", tokenizer=phases.tokenizer_for(config, workdir)
+    module, params = phases.common.build_model(
+        config, "mlm", tokenizer=phases.common.tokenizer_for(config, workdir)
     )
     mask = traverse_util.flatten_dict(checkpoint.load_tree(workdir / "sft_mask"))
     k = sum(int(m.sum()) for m in mask.values())
     info = checkpoint.read_patch_info(workdir / "patch_final")
     assert info["patch"] == {"method": "sft", "fraction": 0.01, "k": k}
-    patched, changed = sft.load_sft_patch(workdir / "patch_final", module, params)
+    patched, changed = checkpoint.load_sft_patch(workdir / "patch_final", module, params)
     stored = sum(int(m.sum()) for m in changed.values())
     assert 0 < stored <= k
     before, after = traverse_util.flatten_dict(params), traverse_util.flatten_dict(patched)
@@ -73,10 +75,12 @@ def test_downstream_freezes_exactly_the_patched_entries(sft_run, monkeypatch):
     config, workdir = sft_run
     captured = spy_on_fit(monkeypatch, downstream)
     config.downstream.update(num_steps=4, learning_rate=1e-2)
-    phases.downstream(config, workdir)
-    _, changed = sft.load_sft_patch(
+    phases.downstream.downstream(config, workdir)
+    _, changed = checkpoint.load_sft_patch(
         workdir / "patch",
-        *phases.build_model(config, "mlm", tokenizer=phases.tokenizer_for(config, workdir)),
+        *phases.common.build_model(
+            config, "mlm", tokenizer=phases.common.tokenizer_for(config, workdir)
+        ),
     )
     moved_elsewhere = 0
     for path, entries in changed.items():

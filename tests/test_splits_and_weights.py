@@ -52,7 +52,7 @@ def test_upstream_caps_documents(tmp_path):
     config.upstream.update(train_file=str(SHARED_DATA / "ghc" / "ghc_train.tsv"),
                            word_list=str(SHARED_DATA / "bias_attribute_words.json"))  # fmt: skip
     config.upstream.max_examples.update(train=50, validation=5)
-    train, validation, sampled = phases.upstream_texts(config)
+    train, validation, sampled = phases.upstream.upstream_texts(config)
     assert len(train) == 50 and len(validation) == 5
     assert sampled["train"]["of"] > 20_000 and sampled["validation"]["of"] > 1000
 

@@ -35,7 +35,7 @@ def test_bad_settings_name_the_key(key, value):
 def run_upstream(tmp_path, steps_per_call):
     config = smoke(tmp_path, num_steps=10, learning_rate=1e-2, eval_every=5, log_every=6,
                    checkpoint_every=6, steps_per_call=steps_per_call)  # fmt: skip
-    phases.upstream(config, tmp_path)
+    phases.upstream.upstream(config, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return patch_leaves(tmp_path / "patch_final")[1], lines
 

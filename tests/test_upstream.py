@@ -50,8 +50,8 @@ def test_upstream_learns_and_exports_only_the_patch(tmp_path, monkeypatch):
         captured["final"] = jax.tree_util.tree_map(np.asarray, final.params)
         return final, selection
 
-    monkeypatch.setattr(phases, "fit", spy)
-    patch_dir = phases.upstream(config, tmp_path)
+    monkeypatch.setattr(phases.upstream, "fit", spy)
+    patch_dir = phases.upstream.upstream(config, tmp_path)
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [line["eval_loss"] for line in lines if "eval_loss" in line]
@@ -70,8 +70,10 @@ def test_upstream_learns_and_exports_only_the_patch(tmp_path, monkeypatch):
         np.testing.assert_array_equal(value, final[tuple(path.split("/"))])
     assert (tmp_path / "patch_final" / "patch.json").exists()
     # rerunning a finished phase does nothing
-    monkeypatch.setattr(phases, "fit", lambda **_: pytest.fail("a finished phase was rerun"))
-    assert phases.upstream(config, tmp_path) == patch_dir
+    monkeypatch.setattr(
+        phases.upstream, "fit", lambda **_: pytest.fail("a finished phase was rerun")
+    )
+    assert phases.upstream.upstream(config, tmp_path) == patch_dir
 
 
 class Interrupted(Exception):
@@ -101,12 +103,12 @@ def kill_at_batch(monkeypatch, n):
 def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch, steps_per_call):
     settings = dict(num_steps=8, learning_rate=1e-2, eval_every=4, checkpoint_every=2,
                     log_every=4, steps_per_call=steps_per_call)  # fmt: skip
-    phases.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
 
     with kill_at_batch(monkeypatch, 6), pytest.raises(Interrupted):
-        phases.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+        phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
     assert checkpoint.TrainCheckpoints(tmp_path / "resumed/checkpoints/upstream").latest_step() == 4
-    phases.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
 
     for name in ("patch_final", "patch"):
         info_a, a = patch_leaves(tmp_path / "straight" / name)
@@ -137,7 +139,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     config = smoke(tmp_path, num_steps=10, eval_every=100, checkpoint_every=2, log_every=10,
                    steps_per_call=4)  # fmt: skip
     with pytest.raises(loop.TrainingDiverged, match=r"at step 5.*checkpoint \(step 4\)"):
-        phases.upstream(config, tmp_path)
+        phases.upstream.upstream(config, tmp_path)
     assert checkpoint.TrainCheckpoints(tmp_path / "checkpoints/upstream").latest_step() == 4
     assert not (tmp_path / "upstream.done.json").exists()
 
@@ -145,6 +147,6 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_missing_corpus_fails_before_training(tmp_path, monkeypatch):
     config = smoke(tmp_path)
     config.upstream.train_file = str(tmp_path / "nope.jsonl")
-    monkeypatch.setattr(phases, "fit", lambda **_: pytest.fail("training started"))
+    monkeypatch.setattr(phases.upstream, "fit", lambda **_: pytest.fail("training started"))
     with pytest.raises(Exception, match=r"nope\.jsonl: data file not found"):
-        phases.upstream(config, tmp_path)
+        phases.upstream.upstream(config, tmp_path)

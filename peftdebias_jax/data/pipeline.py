@@ -177,3 +177,19 @@ class Batches:
             "row": rows_of,
             "weight": (positions < spec.real).astype(np.float32),
         }
+
+
+def padded_examples(batches: Batches) -> dict:
+    """Every row of `batches`, padded to the longest bucket, as one dict of arrays."""
+    parts = [batches.materialize(spec) for spec in batches.evaluation()]
+    width = max(p["input_ids"].shape[1] for p in parts)
+    out: dict = {}
+    for part in parts:
+        real = part["weight"] > 0
+        for key, value in part.items():
+            value = np.asarray(value)[real]
+            if value.ndim == 2:
+                value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
+            out.setdefault(key, []).append(value)
+    order = np.concatenate([np.asarray(spec.rows)[: spec.real] for spec in batches.evaluation()])
+    return {k: np.concatenate(v)[np.argsort(order)] for k, v in out.items()}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from peftdebias_jax.data.tasks import Example
+
 WORD_LISTS = {
     "gender": [
         ["he", "she"],
@@ -96,8 +98,6 @@ def labelled(task: str, count: int, seed: int = 0, bias: float = 0.9, cue_rate: 
     cue with probability `cue_rate`, else an ambiguous one, so a model that leans on the
     identity word flags non-hateful TARGETED sentences (false positives: FPRD).
     """
-    from peftdebias_jax.data.tasks import Example
-
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):

@@ -11,6 +11,8 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # The reference code's 54 identity terms for FPRD (METHOD.md §6.2).
 GROUP_BIAS_WORDS = (
     "jewish",
@@ -257,3 +259,15 @@ def equalized_odds_difference(
     if not spreads:
         return 0.0
     return {"max": max(spreads), "sum": sum(spreads), "half": sum(spreads) / 2}[variant]
+
+
+def example_groups(examples: Sequence) -> np.ndarray:
+    """The sensitive attribute per example (for DP/EO and the Fisher groups): its `group`
+    field (gender, dialect; targeted or not in synthetic hate data) when every example has
+    one; otherwise 1 if the text names an identity term of FPRD's list, else 0 (a choice of
+    this library for hate tasks, which carry no group column)."""
+    if all(e.group is not None for e in examples):
+        names = sorted({str(e.group) for e in examples})
+        return np.asarray([names.index(str(e.group)) for e in examples])
+    words = set(GROUP_BIAS_WORDS)
+    return np.asarray([int(bool(words & set(e.text.lower().split()))) for e in examples])

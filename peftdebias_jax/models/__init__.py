@@ -11,6 +11,7 @@ from peftdebias_jax.models.pretrained import (
     save_pretrained,
 )
 from peftdebias_jax.models.seams import Patch
+from peftdebias_jax.models.surgery import untie_decoder
 from peftdebias_jax.models.weights import hf_key, to_state_dict
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "resolve_checkpoint_dir",
     "save_pretrained",
     "to_state_dict",
+    "untie_decoder",
 ]

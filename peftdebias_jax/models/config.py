@@ -125,10 +125,6 @@ class EncoderConfig:
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> EncoderConfig:
-        return cls.from_hf_dict(read_config_json(path), source=str(path))
-
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """A config.json as a dict; errors name the file (and line)."""

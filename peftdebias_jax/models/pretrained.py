@@ -14,11 +14,11 @@ import jax
 
 from peftdebias_jax.errors import CheckpointError, ConfigError
 from peftdebias_jax.files import staged_directory
-from peftdebias_jax.models.checkpoint_files import find_weights, read_weights, weight_keys
 from peftdebias_jax.models.config import EncoderConfig, read_config_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params, init_leaves, init_params
 from peftdebias_jax.models.seams import Patch
-from peftdebias_jax.models.weights import fill_params, leaf_paths
+from peftdebias_jax.models.weight_files import find_weights, read_weights, weight_keys
+from peftdebias_jax.models.weights import fill_params, leaf_paths, to_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,6 @@ def save_pretrained(
     directory is replaced only once the new copy is complete."""
     import numpy as np
     from safetensors.numpy import save_file
-
-    from peftdebias_jax.models.weights import to_state_dict
 
     with staged_directory(directory) as staging:
         staging.mkdir()

@@ -26,16 +26,27 @@ ATTENTION_OUTPUT = "attention_output"  # after the attention output projection
 FFN_OUTPUT = "output"  # after the feed-forward output projection
 
 
+# The kinds of scope that hold patch leaves ("<kind>_<name>", e.g. "lora_race"): a subclass
+# names its kind, and one regex over these kinds selects every leaf of one patch.
+PATCH_KINDS = ("lora", "adapter", "prefix", "prompt", "patch")
+
+
 class Patch:
     """Base class of a named patch: every hook is a no-op until a subclass overrides it."""
 
     name: str = "patch"
     method: str = "custom"
+    kind: str = "patch"  # one of PATCH_KINDS: the scope's prefix
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind not in PATCH_KINDS:
+            raise TypeError(f"{cls.__name__}.kind={cls.kind!r} is not one of {PATCH_KINDS}")
 
     @property
     def scope(self) -> str:
         """The Flax scope name that holds this patch's leaves (e.g. "lora_race")."""
-        return f"patch_{self.name}"
+        return f"{self.kind}_{self.name}"
 
     def setup_state(self, config: EncoderConfig, batch_size: int, deterministic: bool) -> Any:
         """Called once per forward pass in the encoder scope; the result reaches every hook."""

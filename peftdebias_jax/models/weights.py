@@ -17,12 +17,11 @@ import jax
 import numpy as np
 
 from peftdebias_jax.errors import CheckpointError
-from peftdebias_jax.models.checkpoint_files import ALIGNMENT, aligned_empty
+from peftdebias_jax.models.weight_files import ALIGNMENT, aligned_empty
 
 log = logging.getLogger(__name__)
 
 LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-HEAD_SCOPES = ("cls", "lm_head", "classifier")
 _LAYER = re.compile(r"layer_(\d+)")
 
 
@@ -82,7 +81,7 @@ class LoadReport:
 
 def to_flax_leaf(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     """float32 (kernels transposed to [in, out]) in an aligned array that JAX can use in
-    place (see checkpoint_files.aligned_empty); `array` itself when it already is one."""
+    place (see weight_files.aligned_empty); `array` itself when it already is one."""
     source = np.asarray(array)
     source = source.T if path[-1] == "kernel" else source
     if (

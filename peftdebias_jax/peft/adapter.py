@@ -20,7 +20,7 @@ from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.matmul import kernel_dot_general
 from peftdebias_jax.models.seams import ATTENTION_OUTPUT, FFN_OUTPUT, Patch
-from peftdebias_jax.peft.init import torch_linear_kernel
+from peftdebias_jax.peft.initializers import torch_linear_kernel
 
 
 class Bottleneck(nn.Module):
@@ -71,6 +71,7 @@ class SeqBn(Patch):
     dropout: float = 0.0
 
     method = "seq_bn"
+    kind = "adapter"
 
     def __post_init__(self) -> None:
         if self.non_linearity not in ACTIVATIONS:
@@ -98,10 +99,6 @@ class SeqBn(Patch):
         )
         return hidden + adapter(inputs, deterministic)
 
-    @property
-    def scope(self) -> str:
-        return f"adapter_{self.name}"
-
 
 @dataclasses.dataclass(frozen=True)
 class DoubleSeqBn(SeqBn):
@@ -113,9 +110,3 @@ class DoubleSeqBn(SeqBn):
     mh_adapter: bool = True
 
     method = "double_seq_bn"
-
-
-def count_bottleneck(hidden: int, reduction_factor: float) -> int:
-    """Parameters of one bottleneck: down (h x m + m) + up (m x h + h)."""
-    m = max(1, int(hidden // reduction_factor))
-    return hidden * m + m + m * hidden + hidden

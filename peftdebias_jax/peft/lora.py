@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.matmul import kernel_matmul
 from peftdebias_jax.models.seams import Patch
-from peftdebias_jax.peft.init import torch_linear_kernel
+from peftdebias_jax.peft.initializers import torch_linear_kernel
 
 
 class LoRADelta(nn.Module):
@@ -50,6 +50,7 @@ class LoRA(Patch):
     target_modules: tuple[str, ...] | str = ("query", "value")
 
     method = "lora"
+    kind = "lora"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -67,7 +68,3 @@ class LoRA(Patch):
             return None
         delta = LoRADelta(self.r, self.alpha / self.r, self.dropout, features, name=self.scope)
         return delta(x, deterministic)
-
-    @property
-    def scope(self) -> str:
-        return f"lora_{self.name}"

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from peftdebias_jax.models.dropout import Dropout
 from peftdebias_jax.models.encoder import ACTIVATIONS
 from peftdebias_jax.models.seams import Patch
-from peftdebias_jax.peft.init import torch_linear_bias, torch_linear_kernel
+from peftdebias_jax.peft.initializers import torch_linear_bias, torch_linear_kernel
 
 
 class PrefixStates(nn.Module):
@@ -69,6 +69,7 @@ class PrefixTuning(Patch):
     dropout: float = 0.0
 
     method = "prefix_tuning"
+    kind = "prefix"
 
     def setup_state(self, config, batch_size, deterministic):
         states = PrefixStates(
@@ -91,7 +92,3 @@ class PrefixTuning(Patch):
         values = jnp.broadcast_to(state[:, 2 * layer_index + 1].astype(dtype), shape)
         drop = Dropout(self.dropout)
         return drop(keys, deterministic=deterministic), drop(values, deterministic=deterministic)
-
-    @property
-    def scope(self) -> str:
-        return f"prefix_{self.name}"

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from peftdebias_jax.models.seams import Patch
-from peftdebias_jax.peft.init import symmetric_uniform
+from peftdebias_jax.peft.initializers import symmetric_uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,7 @@ class PromptTuning(Patch):
     random_uniform_scale: float = 0.5
 
     method = "prompt_tuning"
+    kind = "prompt"
 
     def extra_embeddings(self, state, batch_size, hidden_size, dtype, deterministic):
         scale = self.random_uniform_scale
@@ -32,7 +33,3 @@ class PromptTuning(Patch):
             name=self.scope,
         )(jnp.arange(self.prompt_length))
         return jnp.broadcast_to(table.astype(dtype), (batch_size, *table.shape))
-
-    @property
-    def scope(self) -> str:
-        return f"prompt_{self.name}"

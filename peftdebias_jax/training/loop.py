@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class FitSettings:
     checkpoint_every: int = 1000
     name: str = "train"
     steps_per_call: int = 1  # steps run by one compiled call (steps.repeated)
-    extra_record: dict[str, Any] = field(default_factory=dict)
     source: str = "settings"  # where the values come from, for errors: "config.upstream"
 
     def __post_init__(self) -> None:
@@ -236,7 +235,6 @@ def fit(
                     "epoch": position[0],
                     "index": position[1],
                     "selection": selection.to_record() if selection else None,
-                    **settings.extra_record,
                 }
                 host_state = runner.get_state(device_state)
                 checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)

@@ -1,11 +1,11 @@
-"""Fisher group importance, its neutralization across demographic groups, and a
-Fisher-weighted low-rank factorization (after Zhang & Zhou 2024, arXiv 2403.00625).
+"""Fisher group importance and its neutralization across demographic groups (after Zhang
+& Zhou 2024, arXiv 2403.00625); the Fisher-weighted factorization is in `lowrank`.
 
 RECONSTRUCTED (MASKS.md Part A): the paper's equations are not known; only its abstract
 is. Every choice here is an option and none is "the paper's method": the per-example
 diagonal Fisher (A1) with empirical, sampled or expected labels; four neutralizations
 (A2: balanced_mean, min, discrepancy_penalized, mask); the row-weighted SVD of Hsu et al.
-2022 (A3) in replace or residual mode; the optional EWC term (A4).
+2022 (A3, `lowrank`) in replace or residual mode; the optional EWC term (A4).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from flax import traverse_util
 from peftdebias_jax.errors import ConfigError
 
 Flat = dict[tuple[str, ...], Any]
+
 LABEL_MODES = ("empirical", "sampled", "expected")
+
 NEUTRALIZERS = ("balanced_mean", "min", "discrepancy_penalized", "mask")
 
 
@@ -134,27 +136,6 @@ def overlap_at_k(first: Flat, second: Flat, k: int) -> float:
     b = np.concatenate([np.ravel(second[p]) for p in sorted(first)])
     top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b)[:k].tolist())
     return len(top_a & top_b) / k
-
-
-def fwsvd(kernel: np.ndarray, importance: np.ndarray, rank: int, eps: float = 1e-8):
-    """(A3) rank-`rank` factors of a Flax kernel W^T [d_in, d_out] minimising
-    ||D (W - A B)||_F with D = diag(sqrt(sum over inputs of the importance + eps)), one
-    weight per output unit: (down [d_in, r], up [r, d_out]) with kernel ~ down @ up."""
-    kernel = np.asarray(kernel, np.float64)
-    if not 1 <= rank <= min(kernel.shape):
-        raise ConfigError(f"rank must be in 1..{min(kernel.shape)}, got {rank}")
-    weights = np.sqrt(np.asarray(importance, np.float64).sum(axis=0) + eps)  # [d_out]
-    u, s, vt = np.linalg.svd(weights[:, None] * kernel.T, full_matrices=False)  # D W
-    a = (u[:, :rank] * s[:rank]) / weights[:, None]  # D^-1 U_r S_r   [d_out, r]
-    b = vt[:rank]  # V_r^T   [r, d_in]
-    return b.T.astype(np.float32), a.T.astype(np.float32)
-
-
-def weighted_error(kernel: np.ndarray, importance: np.ndarray, down, up, eps: float = 1e-8):
-    """||D (W - A B)||_F^2 of a factorization, with fwsvd's row weights."""
-    weights = np.sqrt(np.asarray(importance, np.float64).sum(axis=0) + eps)
-    residual = np.asarray(kernel, np.float64) - np.asarray(down, np.float64) @ up
-    return float(np.sum((weights[None, :] * residual) ** 2))
 
 
 def ewc_penalty(current: Flat, anchor: Flat, importance: Flat, lam: float) -> jax.Array:

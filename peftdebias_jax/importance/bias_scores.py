@@ -91,8 +91,13 @@ def change_scores(probe: dict, initial: dict, criterion: str) -> dict[str, np.nd
             where = f"{name} of layer {layer}"
             if criterion == "beft":
                 values.append(beft_score(after[name][layer], layers[layer], where))
-            else:
+            elif criterion == "magnitude":
                 values.append(magnitude_score(after[name][layer], layers[layer]))
+            else:
+                raise ConfigError(
+                    f"change scores rank by 'beft' or 'magnitude', got {criterion!r} "
+                    f"(the criteria are {CRITERIA}; 'fisher' is fisher_scores)"
+                )
         out[name] = np.asarray(values)
     return out
 

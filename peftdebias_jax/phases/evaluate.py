@@ -15,9 +15,10 @@ from typing import Any
 
 import ml_collections
 
-from peftdebias_jax import sft
+from peftdebias_jax import checkpoint, models
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.evaluation import intrinsic
+from peftdebias_jax.phases.common import build_model, check_mlm_head, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]:
     """The tokenizer and {name: (module, params)} of the MLM models to score."""
-    from peftdebias_jax.downstream import load_all_patches
-    from peftdebias_jax.phases import build_model, check_mlm_head, tokenizer_for, untie_decoder
-
     dense = workdir / "dense_model"
     check_mlm_head(config)
     if config.upstream.dense and dense.exists():
@@ -59,16 +57,16 @@ def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]
     if patches:
         # a sparse diff moves word embeddings that the decoder must not follow (it was
         # untied and frozen while the diff trained)
-        sparse = any(sft.is_sft_patch(p) for p in patches)
-        module, params, frozen = load_all_patches(
-            patches, *(untie_decoder(*base) if sparse else base)
+        sparse = any(checkpoint.is_sft_patch(p) for p in patches)
+        module, params, frozen = checkpoint.load_patches(
+            patches, *(models.untie_decoder(*base) if sparse else base)
         )
         names = [p.name for p in module.patches] + (["sft"] if frozen else [])
         variants["base+" + "+".join(names)] = (module, params)
     return tokenizer, variants
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     ec = config.evaluate
     files = benchmark_files(config)
     results: dict[str, Any] = {"intrinsic": {}}

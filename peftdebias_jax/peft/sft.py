@@ -1,5 +1,6 @@
 """Sparse fine-tuning (lottery-ticket SFT, METHOD.md §3.6): the top-k |delta| entry mask,
-the sparse diff a patch directory stores, and the entry masks that train or freeze it.
+the sparse diff a patch directory stores (saved and loaded by `checkpoint`), and the
+entry masks that train or freeze it.
 
 A dense phase (the Full-Debias model) moves every maskable weight; `select_top_k` keeps
 the k entries that moved most; the sparse phase restarts from the pre-trained weights and
@@ -10,28 +11,19 @@ is added to the base and its entries are frozen through a gradient mask.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from peftdebias_jax.checkpoint import (
-    FORMAT_VERSION,
-    PATCH_JSON,
-    WEIGHTS,
-    base_identity,
-    check_base,
-    read_patch_info,
-)
 from peftdebias_jax.errors import CheckpointError
-from peftdebias_jax.files import staged_directory
 
 METHOD = "sft"
+
 ZERO_TOLERANCE = 1e-7  # |delta| at or below this is not stored (as the reference)
+
 Flat = dict[tuple[str, ...], Any]
 
 
@@ -103,66 +95,3 @@ def support(diff: dict[str, dict[str, np.ndarray]], params: dict) -> Flat:
         mask[np.asarray(entry["indices"], np.int64)] = True
         out[path] = mask.reshape(np.shape(flat[path]))
     return out
-
-
-def save_sft_patch(
-    directory: str | Path,
-    diff: dict[str, dict[str, np.ndarray]],
-    module,
-    base_params: dict,
-    *,
-    fraction: float,
-    k: int,
-    axis: str | None = None,
-    base_model_name: str | None = None,
-    training: dict[str, Any] | None = None,
-) -> Path:
-    """patch.json (method "sft", k, per-leaf shapes and stored entries) + the sparse diff,
-    saved with Orbax; `base_params` are the pre-trained weights the diff applies to."""
-    flat = traverse_util.flatten_dict(base_params)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "name": METHOD,
-        "patch": {"method": METHOD, "fraction": fraction, "k": k},
-        "axis": axis,
-        "base_model": base_identity(module, base_params, base_model_name),
-        "leaves": {
-            key: {"shape": list(np.shape(flat[tuple(key.split("/"))])), "stored": entry_count}
-            for key, entry_count in sorted((k, int(e["indices"].size)) for k, e in diff.items())
-        },
-        "training": training or {},
-    }
-    directory = Path(directory).absolute()
-    with staged_directory(directory) as staging:
-        staging.mkdir()
-        with ocp.StandardCheckpointer() as checkpointer:
-            # Orbax keys may not hold "/": the leaf paths are stored as a list instead.
-            checkpointer.save(staging / WEIGHTS, {"diff": [diff[k] for k in sorted(diff)]})
-        (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    return directory
-
-
-def is_sft_patch(directory: str | Path) -> bool:
-    path = Path(directory) / PATCH_JSON
-    if not path.exists():
-        return False
-    return json.loads(path.read_text()).get("patch", {}).get("method") == METHOD
-
-
-def load_sft_patch(
-    directory: str | Path, module, params: dict, check_fingerprint: bool = True
-) -> tuple[dict, Flat]:
-    """(params + diff, {path: bool support}) for a saved SFT patch; the base must be the
-    one the diff was computed against (sizes and, unless told otherwise, fingerprint)."""
-    directory = Path(directory).absolute()
-    info = read_patch_info(directory)
-    check_base(info, module, params, directory / PATCH_JSON, check_fingerprint)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.restore(directory / WEIGHTS)["diff"]
-    keys = sorted(info["leaves"])
-    if len(keys) != len(stored):
-        raise CheckpointError(
-            f"{directory}: {len(stored)} stored leaves, but patch.json lists {len(keys)}"
-        )
-    diff = dict(zip(keys, stored, strict=True))
-    return apply_diff(params, diff, directory), support(diff, params)

@@ -2,8 +2,9 @@
 
 downstream = encoder + loaded patches (frozen) -> task data -> fit(classification step)
 -> best checkpoint by the task's metric -> predictions and extrinsic metrics. FT (no
-patch), Full-Debias (a dense CDA-trained base as `model.name`) and transfer (a patch from
-another dataset in `downstream.patches`) are configurations of this one phase.
+patch; `baseline` runs it beside a patched run), Full-Debias (a dense CDA-trained base),
+transfer (a patch from another dataset in `downstream.patches`) and the mask modes of
+`downstream.trainable` are configurations of this one phase.
 """
 
 from __future__ import annotations
@@ -18,71 +19,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import traverse_util
 
-from peftdebias_jax import bias_select, checkpoint, masks, phases, sft
+from peftdebias_jax import checkpoint, masks, peft
 from peftdebias_jax import evaluation as ev
-from peftdebias_jax.data import pipeline, sampling, synthetic, tasks
-from peftdebias_jax.data.records import DataError
+from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.importance import bias_scores, fisher
+from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
-from peftdebias_jax.training.state import TrainState, adamw
+from peftdebias_jax.training.state import TrainState
+from peftdebias_jax.training.trainer import Optimizer, build_trainer
 
 log = logging.getLogger(__name__)
-LAYER_NORM_RULES = [(r".*/LayerNorm/.*", "freeze"), (r".*/layer_norm/.*", "freeze")]
-
-
-def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[str, Any]:
-    """train / validation / test examples and extra evaluation sets, all validated now."""
-    dn = config.downstream
-    if dn.train_file == "synthetic":
-        size, bias = dn.synthetic_size, dn.synthetic_bias
-        train = synthetic.labelled(task.name, size, config.seed, bias)
-        splits = {  # a test split as large as train: the per-group rates need the examples
-            "validation": synthetic.labelled(task.name, max(size // 4, 8), config.seed + 1, bias),
-            "test": synthetic.labelled(task.name, size, config.seed + 2, bias),
-        }
-        labels = tasks.label_set(task, train)
-        if task.labels is None or task.name == "bias_bios":
-            labels = tuple(sorted({e.label for e in train + splits["validation"]}))
-    else:
-        train = tasks.load_split(task, dn.train_file)
-        labels = tasks.label_set(task, train)
-        splits = {}
-        if dn.validation_file:
-            splits["validation"] = tasks.load_split(task, dn.validation_file, labels)
-        else:
-            order = np.random.default_rng(config.seed).permutation(len(train))
-            held = set(order[: max(1, round(len(train) * dn.validation_fraction))].tolist())
-            splits["validation"] = [e for i, e in enumerate(train) if i in held]
-            train = [e for i, e in enumerate(train) if i not in held]
-        if dn.test_file:
-            splits["test"] = tasks.load_split(task, dn.test_file, labels)
-    extra = {}
-    for entry in dn.extra_evals:
-        name, _, path = entry.partition("=")
-        extra_task = tasks.get(name)
-        extra[name] = (extra_task, tasks.load_split(extra_task, path, labels))
-    if dn.bias_nli_occupations:
-        probes = tasks.bias_nli_probes(
-            tasks.read_word_file(dn.bias_nli_occupations),
-            tasks.read_word_file(dn.bias_nli_gendered_words),
-        )
-        extra["bias_nli"] = (tasks.get("bias_nli"), probes)
-    for name, examples in [("train", train), *splits.items()]:
-        if not examples:
-            raise DataError(f"config.downstream: the {name} split of {task.name} is empty")
-    caps = sampling.check_caps(dn.max_examples, "config.downstream.max_examples")
-    sampled = {}
-    train, sampled["train"] = sampling.cap(train, caps["train"], config.seed, "train")
-    for name in list(splits):
-        splits[name], sampled[name] = sampling.cap(splits[name], caps[name], config.seed, name)
-    for name, (extra_task, examples) in list(extra.items()):
-        examples, sampled[name] = sampling.cap(examples, caps["extra"], config.seed, name)
-        extra[name] = (extra_task, examples)
-    return {"train": train, "labels": labels, **splits, "extra": extra, "sampled": sampled}
 
 
 def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
@@ -93,15 +43,7 @@ def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
     return [workdir / "patch"] if has_patch else []
 
 
-def encode(tokenizer, examples, labels, max_len) -> tuple[list, list, list[int]]:
-    index = {name: i for i, name in enumerate(labels)}
-    ids, types = pipeline.encode_pairs(
-        tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_len
-    )
-    return ids, types, [index.get(e.label, 0) for e in examples]
-
-
-def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[str, Any]:
+def score_split(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[str, Any]:
     """Task metrics (x100) and the task's extrinsic bias metrics."""
     gold = [e.label for e in examples]
     pred = [labels[i] for i in predicted]
@@ -129,8 +71,8 @@ def report(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[st
         out["fn"] = ev.fraction_neutral(pred)
     if len(labels) == 2 and (task.positive is not None or task.group_name == "dialect"):
         # binary tasks: DP and EO across the examples' groups (dialect; for hate tasks the
-        # group field, else whether the text names an identity term: phases.example_groups)
-        groups = phases.example_groups(examples).tolist()
+        # group field, else whether the text names an identity term: evaluation.example_groups)
+        groups = ev.example_groups(examples).tolist()
         positive = task.positive if task.positive is not None else labels[1]
         if len(set(groups)) > 1:
             out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
@@ -146,15 +88,15 @@ def trainable_rules(config: ml_collections.ConfigDict, workdir: Path, module) ->
     dn = config.downstream
     rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
     if dn.trainable == "all":
-        rules += LAYER_NORM_RULES if dn.freeze_layernorm else []
+        rules += masks.LAYER_NORM_RULES if dn.freeze_layernorm else []
         return [*rules, (".*", "train")]
     if dn.trainable == "bitfit":
-        return [*rules, *bias_select.rules(None)]
+        return [*rules, *bias_scores.rules(None)]
     if dn.trainable == "beft":
-        return [*rules, *bias_select.rules([selected_bias_type(config, workdir)])]
+        return [*rules, *bias_scores.rules([selected_bias_type(config, workdir)])]
     if dn.trainable == "lowrank":  # the fisher_lowrank factors, the head, the target biases
         rules = [r for r in rules if r[0] != masks.patch_regex(LOWRANK)]
-        return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_select.HEAD_RULES,
+        return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_scores.HEAD_RULES,
                 (".*", "freeze")]  # fmt: skip
     raise ConfigError(
         "config.downstream.trainable must be 'all', 'bitfit', 'beft' or 'lowrank', got "
@@ -186,8 +128,6 @@ def hf_module_name(path: tuple[str, ...]) -> str:
 def attach_lowrank(workdir: Path, module, params) -> tuple[Any, dict]:
     """The fisher_lowrank phase's factors as a LoRA-shaped patch named "lowrank" (scale 1)
     on each target, whose kernel becomes zeros (replace) or W - A B (residual)."""
-    from peftdebias_jax import peft
-
     stored = checkpoint.load_tree(workdir / "lowrank")["factors"]
     record = json.loads((workdir / "fisher.json").read_text())
     paths = [tuple(p.split("/")) for p in record["paths"]]
@@ -208,8 +148,6 @@ def attach_lowrank(workdir: Path, module, params) -> tuple[Any, dict]:
 def ewc_regularizer(workdir: Path, lam: float):
     """(A4) on the effective target weights W_eff = kernel + A B against the original W*,
     weighted by the neutralized importance (fisher_lowrank's outputs)."""
-    from peftdebias_jax import fairness
-
     stored = checkpoint.load_tree(workdir / "lowrank")["factors"]
     importance = traverse_util.flatten_dict(checkpoint.load_tree(workdir / "fisher")["importance"])
     paths = [
@@ -224,24 +162,9 @@ def ewc_regularizer(workdir: Path, lam: float):
         for path in paths:
             scope = (*path[:-1], f"lora_{LOWRANK}")
             effective[path] = flat[path] + flat[(*scope, "lora_A")] @ flat[(*scope, "lora_B")]
-        return fairness.ewc_penalty(effective, anchor, weight, lam)
+        return fisher.ewc_penalty(effective, anchor, weight, lam)
 
     return penalty
-
-
-def load_all_patches(directories: list[Path], module, params) -> tuple[Any, dict, dict]:
-    """(module, params, {leaf path: bool entries to freeze}): module patches are added as
-    modules (frozen by the mask rules); sparse SFT patches are added to the weights and
-    their changed entries returned, to be frozen entry by entry."""
-    sparse = [d for d in directories if sft.is_sft_patch(d)]
-    module, params = checkpoint.load_patches([d for d in directories if d not in sparse],
-                                             module, params)  # fmt: skip
-    frozen: dict = {}
-    for directory in sparse:
-        params, changed = sft.load_sft_patch(directory, module, params)
-        for path, entries in changed.items():
-            frozen[path] = frozen[path] | entries if path in frozen else entries
-    return module, params, frozen
 
 
 def base_model_dir(config, workdir: Path) -> Path | None:
@@ -254,7 +177,7 @@ def base_model_dir(config, workdir: Path) -> Path | None:
     return None
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
     dn = config.downstream
     done = workdir / "downstream.done.json"
@@ -263,15 +186,15 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         return json.loads(done.read_text())
     parallel.initialize_distributed(config.parallel.distributed)
     task = tasks.get(dn.task)
-    data = load_task_data(config, task)
+    data = splits.load_task_data(config, task)
     labels = data["labels"]
     base = base_model_dir(config, workdir)
     texts = [e.text for e in data["train"]]
-    tokenizer = phases.tokenizer_for(config, workdir, texts, base=base)
-    module, params = phases.build_model(
-        config, "classifier", len(labels), tokenizer=tokenizer, base=base
+    tokenizer = tokenizer_for(config, workdir, texts, base=base)
+    module, params = build_model(config, "classifier", len(labels), tokenizer=tokenizer, base=base)
+    module, params, frozen_entries = checkpoint.load_patches(
+        patch_dirs(config, workdir), module, params
     )
-    module, params, frozen_entries = load_all_patches(patch_dirs(config, workdir), module, params)
     regularizer = None
     if dn.trainable == "lowrank":
         module, params = attach_lowrank(workdir, module, params)
@@ -281,35 +204,34 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     print(masks.summary(params, label_tree))
 
     pad = tokenizer.pad_token_id
-    train_ids, train_types, train_y = encode(tokenizer, data["train"], labels, dn.max_len)
+    train_ids, train_types, train_y = splits.encode_examples(
+        tokenizer, data["train"], labels, dn.max_len
+    )
     batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
                                train_types, train_y, dn.bucket_run_length)  # fmt: skip
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
-    tx = masks.optimizer(adamw(dn.learning_rate, num_steps, dn.clip_norm), label_tree)
-    if frozen_entries:  # a sparse (SFT) patch: its entries stay as loaded
-        tx = optax.chain(masks.entry_mask({p: ~m for p, m in frozen_entries.items()}), tx)
-    state = TrainState.create(params, tx, config.seed)
     class_weights = tasks.class_weights(task, labels, data["train"], dn.class_weights,
                                         "config.downstream.class_weights")  # fmt: skip
     log.info("downstream class weights (%s): %s", dn.class_weights, class_weights)
-    weights = [class_weights[name] for name in labels]
-    runner = parallel.Runner(config.parallel.mode, dn.batch_size, "config.downstream.batch_size")
-    train_step = runner.compile_repeated(
-        steps.make_classification_train_step(
-            module,
-            tx,
-            label_tree,
-            jnp.asarray(weights, jnp.float32),
-            runner.axis_name,
-            regularizer,
-        ),
-        "downstream train step",
-    )
+    weights = jnp.asarray([class_weights[name] for name in labels], jnp.float32)
+
+    def make_step(tx, axis_name):
+        return steps.make_classification_train_step(module, tx, label_tree, weights, axis_name,
+                                                    regularizer)  # fmt: skip
+
+    trainer = build_trainer(
+        params, label_tree, Optimizer(dn.learning_rate, num_steps, dn.clip_norm), make_step,
+        seed=config.seed, mode=config.parallel.mode, batch_size=dn.batch_size,
+        batch_key="config.downstream.batch_size", name="downstream",
+        # a sparse (SFT) patch: its entries stay as loaded
+        entries={p: ~m for p, m in frozen_entries.items()} if frozen_entries else None,
+    )  # fmt: skip
+    runner = trainer.runner
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
 
     def prepare(examples) -> pipeline.Batches:
-        ids, types, ys = encode(tokenizer, examples, labels, dn.max_len)
+        ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
         return pipeline.Batches(ids, dn.batch_size, dn.max_len, pad, 0, types, ys)
 
     def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
@@ -324,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     validation = prepare(data["validation"])  # tokenized once, scored at every evaluation
 
     def evaluate(device_state) -> dict[str, float]:
-        scores = report(task, labels, data["validation"], predict(device_state, validation))
+        scores = score_split(task, labels, data["validation"], predict(device_state, validation))
         return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
 
     best_dir = workdir / "checkpoints" / "downstream_best"
@@ -344,10 +266,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         name="downstream",
     )
     final, selection = fit(
-        state=state,
+        state=trainer.state,
         label_tree=label_tree,
         runner=runner,
-        train_step=train_step,
+        train_step=trainer.train_step,
         batches=batches,
         settings=settings,
         checkpoint_dir=workdir / "checkpoints" / "downstream",
@@ -376,12 +298,27 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     for name, (split_task, examples) in evaluations.items():
         prepared = validation if name == "validation" else prepare(examples)
         predicted = predict(device_state, prepared)
-        results[name] = report(split_task, labels, examples, predicted)
+        results[name] = score_split(split_task, labels, examples, predicted)
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
     done.write_text(json.dumps(results, indent=2, default=str) + "\n")
     (workdir / "downstream_results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results)
     return results
+
+
+def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The FT baseline beside a patched run: the same downstream task, data, seed and model
+    with no patch, in `workdir/baseline/`, so one run reports the bias under plain
+    fine-tuning next to its size with the patch."""
+    plain, sub = sub_run(config, workdir, "baseline")
+    plain.patch.method = "none"
+    plain.upstream.dense = False
+    plain.downstream.patches = ()
+    plain.downstream.base_model = ""
+    plain.downstream.trainable = "all"
+    plain.phases = ("downstream",)
+    (sub / "config.json").write_text(json.dumps(plain.to_dict(), indent=2, default=str) + "\n")
+    return downstream(plain, sub)
 
 
 def write_predictions(path: Path, examples, labels, predicted: np.ndarray) -> None:

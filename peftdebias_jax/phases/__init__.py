@@ -1,0 +1,110 @@
+"""The paper's phases composed from the library's parts, driven by one ml_collections
+config: one module per phase on `common`, the registry and `run`.
+
+upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories.
+downstream: encoder + frozen patch(es) -> task data -> fit(classification step) -> metrics
+(`baseline`: the same with no patch). evaluate: CrowS-Pairs / StereoSet / SEAT for base
+and base + patch, with the task metrics. bias_select, fisher_lowrank: the parameter-mask
+phases. report: report.md from the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_collections
+
+from peftdebias_jax.data.records import DataError
+from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.phases import (
+    bias_select,
+    common,
+    downstream,
+    evaluate,
+    fisher_lowrank,
+    report,
+    upstream,
+)
+
+PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
+    "upstream": upstream.upstream,
+    "bias_select": bias_select.bias_select,
+    "fisher_lowrank": fisher_lowrank.fisher_lowrank,
+    "baseline": downstream.baseline,
+    "downstream": downstream.downstream,
+    "evaluate": evaluate.evaluate,
+    "report": report.report,
+}
+
+
+def default_workdir(config_filename: str) -> Path:
+    """runs/<config name>[-<preset>] for --config=configs/<name>.py[:<preset>]."""
+    path, _, preset = config_filename.partition(":")
+    name = Path(path).stem
+    return Path("runs") / (f"{name}-{preset}" if preset else name)
+
+
+def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{config key: local path} of every input file the configured phases will read
+    (synthetic data, built-in word lists and `hf:` datasets need none)."""
+    phases, up, dn, ec = set(config.phases), config.upstream, config.downstream, config.evaluate
+    files: dict[str, str] = {}
+
+    def data(key: str, value: str) -> None:
+        if value and value != "synthetic" and not value.startswith("hf:"):
+            files[key] = value
+
+    if "upstream" in phases:
+        data("upstream.train_file", up.train_file)
+        data("upstream.validation_file", up.validation_file)
+        if up.word_list != "builtin":
+            files["upstream.word_list"] = up.word_list
+    if phases & {"downstream", "baseline", "bias_select", "fisher_lowrank"}:
+        for split in ("train_file", "validation_file", "test_file"):
+            data(f"downstream.{split}", getattr(dn, split))
+        for i, entry in enumerate(dn.extra_evals):
+            files[f"downstream.extra_evals[{i}]"] = entry.partition("=")[2]
+        for key in ("bias_nli_occupations", "bias_nli_gendered_words"):
+            if getattr(dn, key):
+                files[f"downstream.{key}"] = getattr(dn, key)
+        for i, directory in enumerate(dn.patches):
+            files[f"downstream.patches[{i}]"] = directory
+        if dn.base_model:
+            files["downstream.base_model"] = dn.base_model
+    if "evaluate" in phases:
+        for key in ("crows_file", "stereoset_file", "seat_dir"):
+            if getattr(ec, key):
+                files[f"evaluate.{key}"] = getattr(ec, key)
+        for i, directory in enumerate(ec.patches):
+            files[f"evaluate.patches[{i}]"] = directory
+    return files
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """Fails before anything trains when an input file of any configured phase is missing,
+    or when masked-LM benchmarks would score a local checkpoint's missing MLM head."""
+    missing = [f"config.{key}: {path}" for key, path in input_files(config).items()
+               if not Path(path).exists()]  # fmt: skip
+    if missing:
+        raise DataError("input files not found (nothing was run):\n  " + "\n  ".join(missing))
+    if Path(config.model.name).is_dir():  # a hub name is checked once downloaded (evaluate)
+        common.check_mlm_head(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Prints the resolved config, writes it to the workdir, runs the configured phases
+    (each builds its model and prints its parameter summary)."""
+    unknown = [p for p in config.phases if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
+    check_inputs(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = config.to_dict()
+    print("resolved config:\n" + json.dumps(resolved, indent=2, default=str))
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    for name in config.phases:
+        PHASES[name](config, workdir)
+    print(f"workdir: {workdir}")

@@ -1,0 +1,120 @@
+"""What every phase shares: the configured model and tokenizer, the patch spec, the
+patches to load, sub-runs inside a workdir and the MLM-head check."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from peftdebias_jax import models, peft
+from peftdebias_jax.data.tokenizer import train_wordpiece
+from peftdebias_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def build_model(
+    config: ml_collections.ConfigDict,
+    head: str = "mlm",
+    num_labels: int | None = None,
+    patches=(),
+    tokenizer=None,
+    base: Path | None = None,
+) -> tuple[models.EncoderModel, dict]:
+    """The configured encoder: a pretrained checkpoint, or random weights (model.init) with
+    the tokenizer's vocabulary; `base` (a dense Full-Debias checkpoint) replaces both."""
+    spec = config.model
+    if base is not None:
+        return models.from_pretrained(
+            base, head, num_labels, patches, dtype=spec.dtype, seed=config.seed
+        )
+    if spec.init == "random":
+        arch = random_architecture(config, tokenizer)
+        return models.from_config(arch, head, num_labels, patches, seed=config.seed)
+    if spec.init != "pretrained":
+        raise ValueError(f"config.model.init must be 'pretrained' or 'random', got {spec.init!r}")
+    return models.from_pretrained(
+        spec.name, head, num_labels, patches, dtype=spec.dtype, seed=config.seed
+    )
+
+
+def count_params(params: dict) -> int:
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def patch_spec(config: ml_collections.ConfigDict) -> dict[str, peft.PatchConfig]:
+    """{name: PatchConfig} from config.patch (method, name and the method's settings)."""
+    raw = config.patch.to_dict()
+    method, name = raw.pop("method"), raw.pop("name")
+    if method in ("none", "sft"):  # sft is an entry mask, not a module (peft/sft.py)
+        return {}
+    try:
+        return {name: peft.PatchConfig(method, **raw)}
+    except ConfigError as err:
+        raise ConfigError(f"config.patch: {err}") from None
+
+
+def tokenizer_for(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    texts: list[str] | None = None,
+    extra_words: tuple[str, ...] | list[str] = (),
+    base: Path | None = None,
+):
+    """The tokenizer of `base` or of the configured checkpoint; for random-init models the
+    workdir's, built from `texts` (and `extra_words`) on first use and saved there, so a
+    resumed run and the later phases reuse it."""
+    if base is not None:
+        return models.load_tokenizer(base)
+    if config.model.init != "random":
+        return models.load_tokenizer(config.model.name)
+    directory = workdir / "tokenizer"
+    if not directory.exists():
+        if texts is None:
+            raise ConfigError(f"{workdir}: no tokenizer; run the upstream phase first")
+        vocab_size = config.model.tokenizer_vocab_size
+        train_wordpiece(texts, vocab_size, extra_words).save_pretrained(directory)
+    return models.load_tokenizer(directory)
+
+
+def random_architecture(config: ml_collections.ConfigDict, tokenizer=None) -> models.EncoderConfig:
+    """config.model.architecture, with the tokenizer's vocabulary size and pad id if given."""
+    arch = config.model.architecture.to_dict()
+    if tokenizer is not None:
+        arch.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return models.EncoderConfig(**arch, dtype=config.model.dtype)
+
+
+def sub_run(config: ml_collections.ConfigDict, workdir: Path, name: str) -> tuple:
+    """(config copy, directory) of a run inside this one (the FT baseline, the BEFT probe):
+    random-init runs share this run's tokenizer, hence its initial weights."""
+    sub = Path(workdir) / name
+    sub.mkdir(parents=True, exist_ok=True)
+    shared = Path(workdir) / "tokenizer"
+    if config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists():
+        shutil.copytree(shared, sub / "tokenizer")
+    return config.copy_and_resolve_references(), sub
+
+
+def check_mlm_head(config: ml_collections.ConfigDict) -> None:
+    """CrowS-Pairs and StereoSet score the masked-LM head: refuse them for a pretrained
+    checkpoint that has none (its head would be random). SEAT needs no head."""
+    ec = config.evaluate
+    scored = [k for k in ("crows_file", "stereoset_file") if getattr(ec, k)]
+    if "evaluate" not in config.phases or not scored or config.model.init != "pretrained":
+        return
+    if config.upstream.dense and "upstream" in config.phases:
+        return  # the dense model is scored, with the head it was trained with
+    if not models.has_mlm_head(config.model.name):
+        raise ConfigError(
+            f"config.model.name={config.model.name}: the checkpoint has no masked-LM head, so "
+            f"{' and '.join(f'config.evaluate.{k}' for k in scored)} would be scored by a "
+            "randomly initialised head. Use a checkpoint with an MLM head (e.g. "
+            "bert-base-uncased), or skip them: "
+            + " ".join(f'--config.evaluate.{k}=""' for k in scored)
+            + " (SEAT needs no head)"
+        )
