@@ -161,9 +161,14 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.class_weights = "auto"
     # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
     config.downstream.freeze_layernorm = True
-    # what trains besides frozen patches: "all", "bitfit" (biases + head), "beft" (one bias
-    # type + head, see config.beft); the bias modes ignore freeze_layernorm
+    # what trains besides frozen patches: a registered trainable set
+    # (phases.downstream.TRAINABLE_SETS): "all", "bitfit" (biases + head), "beft" (one bias
+    # type + head, see config.beft), "lowrank" (fisher_lowrank's factors + head); the bias
+    # modes ignore freeze_layernorm
     config.downstream.trainable = "all"
+    # how examples split into groups for DP/EO and the Fisher groups: a registered grouping
+    # (evaluation.extrinsic.GROUPINGS); "auto": the examples' attribute, else identity terms
+    config.downstream.groups = "auto"
     # patch directories to load, frozen; () = this run's upstream patch, when it has one
     config.downstream.patches = ()
     config.downstream.base_model = ""  # a dense CDA-trained base directory (Full-Debias)

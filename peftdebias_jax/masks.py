@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -106,6 +107,14 @@ def optimizer(tx: optax.GradientTransformation, label_tree: Any) -> optax.Gradie
     return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, label_tree)
 
 
+class Trainable(NamedTuple):
+    """What trains: mask `rules`, and optionally per-entry masks of some `train` leaves
+    ({path: bool array}, True = may train; see `entry_mask`)."""
+
+    rules: Rules
+    entries: dict | None = None
+
+
 class EntryMaskState(NamedTuple):
     """Bool arrays, one per masked leaf (in the order of the paths `entry_mask` holds)."""
 
@@ -172,17 +181,27 @@ def value_and_grad(
     return wrapped
 
 
-def counts(params: Any, label_tree: Any) -> tuple[int, int]:
-    """(trainable, total) scalar counts."""
-    trainable, frozen = split(params, label_tree)
-    n_train = sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable))
-    n_frozen = sum(int(x.size) for x in jax.tree_util.tree_leaves(frozen))
-    return n_train, n_train + n_frozen
+def trainable_size(path: tuple[str, ...], leaf: Any, label: str, entries: dict | None) -> int:
+    """Scalars of one leaf that train: none when frozen, the True entries of its entry mask
+    when it has one (`entry_mask`), else all of them."""
+    if label != TRAIN:
+        return 0
+    if entries is not None and path in entries:
+        return int(np.sum(entries[path]))
+    return int(np.size(leaf))
 
 
-def count_line(params: Any, label_tree: Any) -> str:
+def counts(params: Any, label_tree: Any, entries: dict | None = None) -> tuple[int, int]:
+    """(trainable, total) scalar counts; `entries` ({path: bool array}, as `entry_mask`
+    takes) narrows masked leaves to the entries that may train."""
+    flat, labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(label_tree)
+    n_train = sum(trainable_size(p, leaf, labels[p], entries) for p, leaf in flat.items())
+    return n_train, sum(int(np.size(leaf)) for leaf in flat.values())
+
+
+def count_line(params: Any, label_tree: Any, entries: dict | None = None) -> str:
     """`trainable params: N || all params: M || trainable%: P`, as HF peft prints it."""
-    n_train, total = counts(params, label_tree)
+    n_train, total = counts(params, label_tree, entries)
     return (
         f"trainable params: {n_train:,} || all params: {total:,} || "
         f"trainable%: {100 * n_train / total:.4f}"
@@ -195,8 +214,9 @@ def module_key(path: tuple[str, ...]) -> str:
     return "/".join(parts)
 
 
-def summary(params: Any, label_tree: Any) -> str:
-    """A table: one row per (patch or base/head, module), with parameter counts."""
+def summary(params: Any, label_tree: Any, entries: dict | None = None) -> str:
+    """A table: one row per (patch or base/head, module), with parameter counts (entry
+    masks counted entry by entry, see `counts`)."""
     flat = traverse_util.flatten_dict(params)
     flat_labels = traverse_util.flatten_dict(label_tree)
     rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -205,14 +225,13 @@ def summary(params: Any, label_tree: Any) -> str:
         group = f"patch {group}" if group else ("head" if is_head(path) else "base")
         row = rows[(group, module_key(path))]
         row[0] += int(leaf.size)
-        if flat_labels[path] == TRAIN:
-            row[1] += int(leaf.size)
+        row[1] += trainable_size(path, leaf, flat_labels[path], entries)
     lines = [f"{'group':<16} {'module':<60} {'params':>12} {'trainable':>12}"]
     lines.append("-" * len(lines[0]))
     for (group, module), (total, train) in sorted(rows.items()):
         lines.append(f"{group:<16} {module:<60} {total:>12,} {train:>12,}")
     lines.append("-" * len(lines[0]))
-    lines.append(count_line(params, label_tree))
+    lines.append(count_line(params, label_tree, entries))
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ METHOD_NAMES = {
     "prompt_tuning": "Prompt",
     "sft": "SFT",
 }
+# What trains downstream besides the (frozen) patches, when not everything does.
+TRAINABLE_NAMES = {"bitfit": "BitFit", "beft": "BEFT", "lowrank": "Fisher low-rank"}
 HATE_TASKS = ("ghc", "stormfront", "lhc")
 
 
@@ -41,16 +43,23 @@ class Run:
     downstream: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    bias_scores: dict[str, Any] | None = None  # the bias_select phase's bias_scores.json
+    fisher: dict[str, Any] | None = None  # the fisher_lowrank phase's fisher.json
 
 
 def model_name(config: dict[str, Any]) -> str:
-    """The paper's row label for a run's config."""
-    if config.get("upstream", {}).get("dense"):
-        return "Full-Debias"
+    """The paper's row label for a run's config, with the downstream trainable set when it
+    is not "all" (e.g. "BEFT", "Fisher low-rank", "Adapter + BitFit")."""
     method = config.get("patch", {}).get("method", "none")
-    if method == "none":
-        return "FT"
-    return METHOD_NAMES.get(method, method)
+    if config.get("upstream", {}).get("dense"):
+        label = "Full-Debias"
+    else:
+        label = "FT" if method == "none" else METHOD_NAMES.get(method, method)
+    trainable = config.get("downstream", {}).get("trainable", "all")
+    if trainable == "all":
+        return label
+    kind = TRAINABLE_NAMES.get(trainable, trainable)
+    return kind if label == "FT" else f"{label} + {kind}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -74,7 +83,8 @@ def load_run(directory: str | Path, name: str | None = None) -> Run:
     config = read_json(directory / "config.json", "config", ConfigError)
     optional = {}
     for key, filename in (("downstream", "downstream_results.json"),
-                          ("evaluation", "evaluation.json")):  # fmt: skip
+                          ("evaluation", "evaluation.json"), ("bias_scores", "bias_scores.json"),
+                          ("fisher", "fisher.json")):  # fmt: skip
         path = directory / filename
         optional[key] = read_json(path, filename, ConfigError) if path.exists() else None
     return Run(
@@ -354,6 +364,9 @@ def document(runs: list[Run], out: Path, title: str) -> str:
     if planted:
         sections += ["## Planted bias (synthetic data)", "\n".join(f"- {p}" for p in planted)]
     sections += ["## Table 1 layout: intrinsic bias of the masked LM", table1(runs)]
+    selections = [line for run in runs for line in mask_selection(run)]
+    if selections:
+        sections += ["## Parameter masks", "\n".join(f"- {line}" for line in selections)]
     figures = [
         ("Per-group bias", plot_group_rates(runs, plots / "group_bias.png")),
         ("Loss curves", plot_losses(runs, plots / "loss_curves.png")),
@@ -362,6 +375,34 @@ def document(runs: list[Run], out: Path, title: str) -> str:
         if figure is not None:
             sections.append(f"## {caption}\n\n![{caption}](plots/{figure.name})")
     return "\n\n".join(sections) + "\n"
+
+
+def mask_selection(run: Run) -> list[str]:
+    """What a run's parameter-mask phases chose: BEFT's bias ranking and choice, and the
+    Fisher low-rank record (groups, overlap, factorization errors)."""
+    lines = []
+    if run.bias_scores:
+        record = run.bias_scores
+        means = ", ".join(f"{t} {record['mean'][t]:.4g}" for t in record["ranking"])
+        lines.append(
+            f"{run.name}: bias types ranked by {record['criterion']} (layer means: {means}); "
+            f"selected {record['selected']} among the candidates "
+            f"{record.get('candidates', '(not recorded)')}"
+        )
+    if run.fisher:
+        record = run.fisher
+        names = record.get("group_names", {})
+        groups = ", ".join(f"{names.get(g, g)}: {n}" for g, n in record["group_sizes"].items())
+        errors = "; ".join(
+            f"{path}: {e['fisher_weighted']:.4g} (plain SVD {e['plain_svd']:.4g})"
+            for path, e in record["errors"].items()
+        )
+        lines.append(
+            f"{run.name}: Fisher low-rank (reconstructed), rank {record['rank']} {record['mode']}, "
+            f"{record['neutralize']} over the groups ({groups}); top-1% overlap of the groups' "
+            f"Fishers {record['overlap_at_1pct']:.3f}; weighted error {errors}"
+        )
+    return lines
 
 
 def write(workdir: str | Path) -> Path:

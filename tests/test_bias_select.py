@@ -58,7 +58,9 @@ def test_change_scores_rank_by_a_known_criterion_only():
     moved = jax.tree_util.tree_map(lambda x: x + 0.5, params)
     scores = bias_scores.change_scores(moved, params, "magnitude")
     assert scores["b_v"] == pytest.approx([0.5, 0.5])
-    with pytest.raises(ValueError, match=r"rank by 'beft' or 'magnitude', got 'magnitud'"):
+    with pytest.raises(
+        ValueError, match=r"unknown bias change score; the known ones are \['beft', 'magnitude'\]"
+    ):
         bias_scores.change_scores(moved, params, "magnitud")
 
 

@@ -143,3 +143,21 @@ def test_summary_and_count_line(model):
     assert "patch race" in table and "patch task" in table and line in table
     task_rows = [row for row in table.splitlines() if row.startswith("patch task")]
     assert sum(int(row.split()[-1].replace(",", "")) for row in task_rows) == n_train
+
+
+def test_summary_counts_entry_masks(model):
+    """SFT's masks: a masked leaf counts only the entries that may train."""
+    _, params = model
+    label_tree = masks.labels(params, RULES)
+    flat_labels = traverse_util.flatten_dict(label_tree)
+    flat = traverse_util.flatten_dict(params)
+    path = next(p for p, label in flat_labels.items() if label == "train")
+    entries = {path: np.zeros(np.shape(flat[path]), bool)}
+    entries[path].flat[:3] = True
+    n_train, total = masks.counts(params, label_tree)
+    n_masked, same_total = masks.counts(params, label_tree, entries)
+    assert same_total == total and n_masked == n_train - np.size(flat[path]) + 3
+    table = masks.summary(params, label_tree, entries)
+    assert masks.count_line(params, label_tree, entries) in table
+    rows = [row for row in table.splitlines() if row.startswith("patch task")]
+    assert sum(int(row.split()[-1].replace(",", "")) for row in rows) == n_masked

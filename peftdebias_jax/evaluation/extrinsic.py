@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from peftdebias_jax.registry import Registry
+
 # The reference code's 54 identity terms for FPRD (METHOD.md §6.2).
 GROUP_BIAS_WORDS = (
     "jewish",
@@ -261,13 +263,30 @@ def equalized_odds_difference(
     return {"max": max(spreads), "sum": sum(spreads), "half": sum(spreads) / 2}[variant]
 
 
-def example_groups(examples: Sequence) -> np.ndarray:
-    """The sensitive attribute per example (for DP/EO and the Fisher groups): its `group`
-    field (gender, dialect; targeted or not in synthetic hate data) when every example has
-    one; otherwise 1 if the text names an identity term of FPRD's list, else 0 (a choice of
-    this library for hate tasks, which carry no group column)."""
+# How examples split into groups for DP/EO and the Fisher groups (`downstream.groups`):
+# f(examples) -> one group name per example.
+GROUPINGS = Registry(
+    "grouping", "config.downstream.groups", "peftdebias_jax.evaluation.extrinsic.GROUPINGS"
+)
+
+
+@GROUPINGS.register("auto")
+def attribute_or_identity_term(examples: Sequence) -> list[str]:
+    """The examples' own attribute (`group`: gender, dialect; targeted or not in synthetic
+    hate data) when every example has one; otherwise whether the text names an identity term
+    of FPRD's list (a choice of this library for hate tasks, which carry no group column)."""
     if all(e.group is not None for e in examples):
-        names = sorted({str(e.group) for e in examples})
-        return np.asarray([names.index(str(e.group)) for e in examples])
+        return [str(e.group) for e in examples]
     words = set(GROUP_BIAS_WORDS)
-    return np.asarray([int(bool(words & set(e.text.lower().split()))) for e in examples])
+    return [
+        "identity term present" if words & set(e.text.lower().split()) else "identity term absent"
+        for e in examples
+    ]
+
+
+def example_groups(examples: Sequence, grouping: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """(group id per example, group names): the registered `grouping`'s names, sorted, as
+    ids 0, 1, ..."""
+    names_of = GROUPINGS.lookup(grouping)(examples)
+    names = sorted(set(names_of))
+    return np.asarray([names.index(n) for n in names_of]), names

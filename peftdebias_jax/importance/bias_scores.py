@@ -21,6 +21,7 @@ import optax
 from flax import traverse_util
 
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.registry import Registry
 
 BIAS_TYPES = {
     "b_q": r"encoder/layer_(\d+)/attention/self/query/bias",
@@ -35,7 +36,18 @@ BIAS_TYPES = {
 HEAD_RULES = [(r"classifier/.*", "train"), (r".*/pooler/dense/bias", "train")]
 ALL_BIASES = r".*/bias"  # BitFit: every bias of the encoder (embeddings LayerNorm included)
 CANDIDATES = ("b_q", "b_k", "b_v")
-CRITERIA = ("beft", "magnitude", "fisher")
+# Scores of a bias vector's change in the all-bias probe run, f(b, b0, where) -> float, by
+# `beft.criterion`; "fisher" (gradients at the pre-trained weights) is `fisher_scores`.
+CHANGE_SCORES = Registry(
+    "bias change score", "config.beft.criterion",
+    "peftdebias_jax.importance.bias_scores.CHANGE_SCORES",
+)  # fmt: skip
+FISHER = "fisher"
+
+
+def criteria() -> tuple[str, ...]:
+    """Every `beft.criterion`: the registered change scores and "fisher"."""
+    return (*sorted(CHANGE_SCORES), FISHER)
 
 
 def rules(types: Iterable[str] | None) -> list[tuple[str, str]]:
@@ -62,6 +74,7 @@ def by_type(params: dict) -> dict[str, dict[int, np.ndarray]]:
     return {t: layers for t, layers in out.items() if layers}
 
 
+@CHANGE_SCORES.register("beft")
 def beft_score(b: np.ndarray, b0: np.ndarray, where: str = "") -> float:
     """(B1) 1 - <b, b0> / max(|b|^2, |b0|^2): 0 when b is unchanged, growing with changes in
     magnitude and direction. Undefined for a zero vector (a bias-free or zero-initialised
@@ -76,28 +89,21 @@ def beft_score(b: np.ndarray, b0: np.ndarray, where: str = "") -> float:
     return 1.0 - float(b @ b0) / largest
 
 
-def magnitude_score(b: np.ndarray, b0: np.ndarray) -> float:
+@CHANGE_SCORES.register("magnitude")
+def magnitude_score(b: np.ndarray, b0: np.ndarray, where: str = "") -> float:
     """(B2) mean |b - b0|: BitFit's amount of change."""
     return float(np.mean(np.abs(np.asarray(b, np.float64) - np.asarray(b0, np.float64))))
 
 
 def change_scores(probe: dict, initial: dict, criterion: str) -> dict[str, np.ndarray]:
     """{type: per-layer scores} comparing a probe run's biases with the pre-trained ones."""
+    score = CHANGE_SCORES.lookup(criterion)
     after, before = by_type(probe), by_type(initial)
     out = {}
     for name, layers in before.items():
         values = []
         for layer in sorted(layers):
-            where = f"{name} of layer {layer}"
-            if criterion == "beft":
-                values.append(beft_score(after[name][layer], layers[layer], where))
-            elif criterion == "magnitude":
-                values.append(magnitude_score(after[name][layer], layers[layer]))
-            else:
-                raise ConfigError(
-                    f"change scores rank by 'beft' or 'magnitude', got {criterion!r} "
-                    f"(the criteria are {CRITERIA}; 'fisher' is fisher_scores)"
-                )
+            values.append(score(after[name][layer], layers[layer], f"{name} of layer {layer}"))
         out[name] = np.asarray(values)
     return out
 
@@ -139,11 +145,15 @@ def select(scores: dict[str, np.ndarray], candidates: Iterable[str] = CANDIDATES
     return max(pool, key=lambda t: float(np.mean(scores[t])))
 
 
-def summary(scores: dict[str, np.ndarray], criterion: str, chosen: str) -> dict[str, Any]:
-    """What bias_scores.json holds: per-layer scores, layer means, ranking and choice."""
+def summary(
+    scores: dict[str, np.ndarray], criterion: str, chosen: str, candidates: Iterable[str]
+) -> dict[str, Any]:
+    """What bias_scores.json holds: per-layer scores, layer means, ranking, the candidates
+    the choice was allowed among, and the choice."""
     means = {t: float(np.mean(v)) for t, v in scores.items()}
     return {
         "criterion": criterion,
+        "candidates": list(candidates),
         "per_layer": {t: [float(x) for x in v] for t, v in scores.items()},
         "mean": means,
         "ranking": sorted(means, key=lambda t: -means[t]),

@@ -20,12 +20,11 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.registry import Registry
 
 Flat = dict[tuple[str, ...], Any]
 
 LABEL_MODES = ("empirical", "sampled", "expected")
-
-NEUTRALIZERS = ("balanced_mean", "min", "discrepancy_penalized", "mask")
 
 
 def squared_grads(logits_fn: Callable[[dict, dict], jax.Array], mode: str = "empirical"):
@@ -100,33 +99,58 @@ def discrepancy(fishers: dict[Any, Flat]) -> Flat:
     return {p: np.max([n[p] for n in norm], 0) - np.min([n[p] for n in norm], 0) for p in norm[0]}
 
 
+# (A2) neutralizers by `fisher.neutralize`: f(normalized per-group Fishers, raw Fishers,
+# lam, q) -> (importance, influence mask or None).
+NEUTRALIZERS = Registry(
+    "neutralizer", "config.fisher.neutralize", "peftdebias_jax.importance.fisher.NEUTRALIZERS"
+)
+
+
+def group_mean(norm: list[Flat]) -> Flat:
+    return {p: np.mean([n[p] for n in norm], 0) for p in norm[0]}
+
+
+@NEUTRALIZERS.register("balanced_mean")
+def balanced_mean(norm: list[Flat], fishers: dict[Any, Flat], lam: float, q: float):
+    """mean_g F^_g: every group counts the same, whatever its size."""
+    return group_mean(norm), None
+
+
+@NEUTRALIZERS.register("min")
+def group_min(norm: list[Flat], fishers: dict[Any, Flat], lam: float, q: float):
+    """min_g F^_g: important only where every group finds it important."""
+    return {p: np.min([n[p] for n in norm], 0) for p in norm[0]}, None
+
+
+@NEUTRALIZERS.register("discrepancy_penalized")
+def discrepancy_penalized(norm: list[Flat], fishers: dict[Any, Flat], lam: float, q: float):
+    """max(mean_g F^_g - lam |F^_0 - F^_1|, 0)."""
+    mean, disc = group_mean(norm), discrepancy(fishers)
+    return {p: np.maximum(mean[p] - lam * disc[p], 0.0) for p in mean}, None
+
+
+@NEUTRALIZERS.register("mask")
+def discrepancy_mask(norm: list[Flat], fishers: dict[Any, Flat], lam: float, q: float):
+    """balanced_mean with zero importance where the discrepancy reaches its q-quantile;
+    those entries are returned as the influence mask."""
+    mean, disc = group_mean(norm), discrepancy(fishers)
+    cut = np.quantile(np.concatenate([np.ravel(v) for v in disc.values()]), q)
+    mask = {p: disc[p] >= cut for p in mean}
+    return {p: np.where(mask[p], 0.0, mean[p]) for p in mean}, mask
+
+
 def neutralize(
     fishers: dict[Any, Flat], option: str = "balanced_mean", lam: float = 1.0, q: float = 0.9
 ) -> tuple[Flat, Flat | None]:
-    """(A2) (importance, influence mask or None) from the per-group Fishers:
-    balanced_mean: mean_g F^_g; min: min_g F^_g; discrepancy_penalized:
-    max(mean_g F^_g - lam |F^_0 - F^_1|, 0); mask: balanced_mean with zero importance where
-    the discrepancy reaches its q-quantile, those entries returned as the mask."""
-    if option not in NEUTRALIZERS:
-        raise ConfigError(f"fisher neutralize must be one of {NEUTRALIZERS}, got {option!r}")
+    """(A2) (importance, influence mask or None) from the per-group Fishers, by the
+    registered neutralizer `option` (balanced_mean, min, discrepancy_penalized, mask)."""
+    neutralizer = NEUTRALIZERS.lookup(option)
     if len(fishers) < 2:
         raise ConfigError(
             f"config.fisher: neutralization needs two or more groups in the training data, "
             f"got only {list(fishers)}"
         )
-    norm = [normalized(f) for f in fishers.values()]
-    paths = list(norm[0])
-    mean = {p: np.mean([n[p] for n in norm], 0) for p in paths}
-    if option == "balanced_mean":
-        return mean, None
-    if option == "min":
-        return {p: np.min([n[p] for n in norm], 0) for p in paths}, None
-    disc = discrepancy(fishers)
-    if option == "discrepancy_penalized":
-        return {p: np.maximum(mean[p] - lam * disc[p], 0.0) for p in paths}, None
-    cut = np.quantile(np.concatenate([np.ravel(v) for v in disc.values()]), q)
-    mask = {p: disc[p] >= cut for p in paths}
-    return {p: np.where(mask[p], 0.0, mean[p]) for p in paths}, mask
+    return neutralizer([normalized(f) for f in fishers.values()], fishers, lam, q)
 
 
 def overlap_at_k(first: Flat, second: Flat, k: int) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from peftdebias_jax.errors import CheckpointError, ConfigError
 from peftdebias_jax.files import staged_directory
@@ -257,7 +258,6 @@ def save_pretrained(
     """Writes config.json + model.safetensors (+ the tokenizer) in the Hugging Face layout,
     loadable by transformers and by `from_pretrained`; patch leaves are not written. The
     directory is replaced only once the new copy is complete."""
-    import numpy as np
     from safetensors.numpy import save_file
 
     with staged_directory(directory) as staging:

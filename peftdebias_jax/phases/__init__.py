@@ -10,7 +10,9 @@ phases. report: report.md from the workdir.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +39,25 @@ PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "evaluate": evaluate.evaluate,
     "report": report.report,
 }
+
+
+def load_config(spec: str | Path) -> ml_collections.ConfigDict:
+    """A config file as run.py reads it: "path/to/configs/x.py[:preset]" -> its
+    get_config(preset). The folder above configs/ is importable while the file loads (the
+    configs import their shared `configs.common`)."""
+    path, _, preset = str(spec).partition(":")
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    root = str(path.parent.parent)
+    sys.path.insert(0, root)
+    try:
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(preset or None)
+    finally:
+        sys.path.remove(root)
 
 
 def default_workdir(config_filename: str) -> Path:

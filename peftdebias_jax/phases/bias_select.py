@@ -33,13 +33,17 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         log.info("bias_select already finished (%s); delete it to run again", out)
         return json.loads(out.read_text())
     criterion = config.beft.criterion
-    if criterion not in bs.CRITERIA:
-        raise ConfigError(f"config.beft.criterion must be one of {bs.CRITERIA}, got {criterion!r}")
+    if criterion != bs.FISHER and criterion not in bs.CHANGE_SCORES:
+        raise ConfigError(
+            f"config.beft.criterion={criterion!r}: unknown; the criteria are {bs.criteria()} "
+            "(add a change score with @peftdebias_jax.importance.bias_scores.CHANGE_SCORES"
+            ".register(name))"
+        )
     dn = config.downstream
     task = tasks.get(dn.task)
     data = splits.load_task_data(config, task)
     labels = data["labels"]
-    if criterion == "fisher":
+    if criterion == bs.FISHER:
         tokenizer = tokenizer_for(config, workdir, [e.text for e in data["train"]])
     else:
         probe, directory = sub_run(config, workdir, "bias_probe")
@@ -47,7 +51,7 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         downstream(probe, directory)
         tokenizer = tokenizer_for(probe, directory)
     module, params = build_model(config, "classifier", len(labels), tokenizer=tokenizer)
-    if criterion == "fisher":
+    if criterion == bs.FISHER:
         label_tree = masks.labels(params, bs.rules(None))
         frozen = masks.split(params, label_tree)[1]
 
@@ -70,7 +74,8 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     else:
         probe_best = checkpoint.load_tree(directory / "checkpoints" / "downstream_best")
         scores = bs.change_scores(probe_best, params, criterion)
-    record = bs.summary(scores, criterion, bs.select(scores, config.beft.candidates))
+    candidates = config.beft.candidates
+    record = bs.summary(scores, criterion, bs.select(scores, candidates), candidates)
     (workdir / "plots").mkdir(exist_ok=True)
     bs.plot(record, workdir / "plots" / "bias_scores.png")
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -27,6 +27,7 @@ from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.importance import bias_scores, fisher
 from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
+from peftdebias_jax.registry import Registry
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState
@@ -43,7 +44,9 @@ def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
     return [workdir / "patch"] if has_patch else []
 
 
-def score_split(task: tasks.Task, labels, examples, predicted: np.ndarray) -> dict[str, Any]:
+def score_split(
+    task: tasks.Task, labels, examples, predicted: np.ndarray, grouping: str = "auto"
+) -> dict[str, Any]:
     """Task metrics (x100) and the task's extrinsic bias metrics."""
     gold = [e.label for e in examples]
     pred = [labels[i] for i in predicted]
@@ -72,7 +75,7 @@ def score_split(task: tasks.Task, labels, examples, predicted: np.ndarray) -> di
     if len(labels) == 2 and (task.positive is not None or task.group_name == "dialect"):
         # binary tasks: DP and EO across the examples' groups (dialect; for hate tasks the
         # group field, else whether the text names an identity term: evaluation.example_groups)
-        groups = ev.example_groups(examples).tolist()
+        groups = ev.example_groups(examples, grouping)[0].tolist()
         positive = task.positive if task.positive is not None else labels[1]
         if len(set(groups)) > 1:
             out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
@@ -80,28 +83,61 @@ def score_split(task: tasks.Task, labels, examples, predicted: np.ndarray) -> di
     return out
 
 
-def trainable_rules(config: ml_collections.ConfigDict, workdir: Path, module) -> list:
-    """Mask rules of the fine-tuning run: patches always frozen; then `downstream.trainable`:
-    "all" (everything else, LayerNorms frozen as the reference unless freeze_layernorm is
-    off), "bitfit" (every bias + pooler bias + classifier) or "beft" (one bias type + the
-    same head: b_v in mode v2_direct, the bias_select phase's choice in v1_select)."""
-    dn = config.downstream
-    rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
-    if dn.trainable == "all":
-        rules += masks.LAYER_NORM_RULES if dn.freeze_layernorm else []
-        return [*rules, (".*", "train")]
-    if dn.trainable == "bitfit":
-        return [*rules, *bias_scores.rules(None)]
-    if dn.trainable == "beft":
-        return [*rules, *bias_scores.rules([selected_bias_type(config, workdir)])]
-    if dn.trainable == "lowrank":  # the fisher_lowrank factors, the head, the target biases
-        rules = [r for r in rules if r[0] != masks.patch_regex(LOWRANK)]
-        return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_scores.HEAD_RULES,
-                (".*", "freeze")]  # fmt: skip
-    raise ConfigError(
-        "config.downstream.trainable must be 'all', 'bitfit', 'beft' or 'lowrank', got "
-        f"{dn.trainable!r}"
-    )
+# Trainable sets of the fine-tuning run (`downstream.trainable`): each gets the config, the
+# workdir, the module, its params and the rules that freeze the loaded patches, and returns
+# every rule (or a masks.Trainable with per-entry masks too).
+TRAINABLE_SETS = Registry(
+    "trainable set", "config.downstream.trainable",
+    "peftdebias_jax.phases.downstream.TRAINABLE_SETS",
+)  # fmt: skip
+
+
+@TRAINABLE_SETS.register("all")
+def train_all(
+    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
+) -> list:
+    """Everything but the patches; LayerNorms frozen as the reference unless
+    `downstream.freeze_layernorm` is off."""
+    norms = masks.LAYER_NORM_RULES if config.downstream.freeze_layernorm else []
+    return [*patch_rules, *norms, (".*", "train")]
+
+
+@TRAINABLE_SETS.register("bitfit")
+def train_biases(
+    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
+) -> list:
+    """BitFit: every bias + the pooler bias + the classifier."""
+    return [*patch_rules, *bias_scores.rules(None)]
+
+
+@TRAINABLE_SETS.register("beft")
+def train_bias_type(
+    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
+) -> list:
+    """BEFT: one bias type (b_v in mode v2_direct, the bias_select phase's choice in
+    v1_select) + the same head as BitFit."""
+    return [*patch_rules, *bias_scores.rules([selected_bias_type(config, workdir)])]
+
+
+@TRAINABLE_SETS.register("lowrank")
+def train_lowrank(
+    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
+) -> list:
+    """The fisher_lowrank factors, the head and the target biases."""
+    rules = [r for r in patch_rules if r[0] != masks.patch_regex(LOWRANK)]
+    return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_scores.HEAD_RULES,
+            (".*", "freeze")]  # fmt: skip
+
+
+def trainable_set(
+    config: ml_collections.ConfigDict, workdir: Path, module, params: dict
+) -> masks.Trainable:
+    """What the fine-tuning run trains: every loaded patch frozen, then the registered
+    trainable set `downstream.trainable` names."""
+    patch_rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
+    chosen = TRAINABLE_SETS.lookup(config.downstream.trainable)
+    result = chosen(config, workdir, module, params, patch_rules)
+    return result if isinstance(result, masks.Trainable) else masks.Trainable(result)
 
 
 def selected_bias_type(config: ml_collections.ConfigDict, workdir: Path) -> str:
@@ -200,8 +236,14 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         module, params = attach_lowrank(workdir, module, params)
         if config.fisher.ewc_lambda:
             regularizer = ewc_regularizer(workdir, config.fisher.ewc_lambda)
-    label_tree = masks.labels(params, trainable_rules(config, workdir, module))
-    print(masks.summary(params, label_tree))
+    trainable = trainable_set(config, workdir, module, params)
+    label_tree = masks.labels(params, trainable.rules)
+    # a sparse (SFT) patch: its entries stay as loaded; a trainable set's entry masks
+    trainable_entries = dict(trainable.entries or {})
+    for path, frozen in frozen_entries.items():
+        trainable_entries[path] = trainable_entries.get(path, True) & ~frozen
+    trainable_entries = trainable_entries or None
+    print(masks.summary(params, label_tree, trainable_entries))
 
     pad = tokenizer.pad_token_id
     train_ids, train_types, train_y = splits.encode_examples(
@@ -224,8 +266,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         params, label_tree, Optimizer(dn.learning_rate, num_steps, dn.clip_norm), make_step,
         seed=config.seed, mode=config.parallel.mode, batch_size=dn.batch_size,
         batch_key="config.downstream.batch_size", name="downstream",
-        # a sparse (SFT) patch: its entries stay as loaded
-        entries={p: ~m for p, m in frozen_entries.items()} if frozen_entries else None,
+        entries=trainable_entries,
     )  # fmt: skip
     runner = trainer.runner
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
@@ -246,7 +287,8 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     validation = prepare(data["validation"])  # tokenized once, scored at every evaluation
 
     def evaluate(device_state) -> dict[str, float]:
-        scores = score_split(task, labels, data["validation"], predict(device_state, validation))
+        scores = score_split(task, labels, data["validation"], predict(device_state, validation),
+                             dn.groups)  # fmt: skip
         return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
 
     best_dir = workdir / "checkpoints" / "downstream_best"
@@ -298,7 +340,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     for name, (split_task, examples) in evaluations.items():
         prepared = validation if name == "validation" else prepare(examples)
         predicted = predict(device_state, prepared)
-        results[name] = score_split(split_task, labels, examples, predicted)
+        results[name] = score_split(split_task, labels, examples, predicted, dn.groups)
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
     done.write_text(json.dumps(results, indent=2, default=str) + "\n")
     (workdir / "downstream_results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -52,7 +52,7 @@ def fisher_lowrank(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     batches = pipeline.Batches(ids, len(ids), dn.max_len, tokenizer.pad_token_id, 0, types, ys)
     keep = ("input_ids", "attention_mask", "token_type_ids", "label")
     examples = {k: v for k, v in pipeline.padded_examples(batches).items() if k in keep}
-    groups = example_groups(train)
+    groups, group_names = example_groups(train, dn.groups)
     fishers = fisher.group_fisher(logits_fn, scored, examples, groups, fc.labels, fc.chunk,
                                     config.seed)  # fmt: skip
     importance, influence = fisher.neutralize(fishers, fc.neutralize, fc.lam, fc.quantile)
@@ -73,6 +73,7 @@ def fisher_lowrank(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         "reconstructed": "MASKS.md Part A: the paper's equations are not known",
         "target": fc.target, "paths": ["/".join(p) for p in paths], "rank": fc.rank,
         "mode": fc.mode, "labels": fc.labels, "neutralize": fc.neutralize,
+        "grouping": dn.groups, "group_names": {str(g): group_names[g] for g in group_ids},
         "group_sizes": {str(g): int(np.sum(groups == g)) for g in group_ids},
         "overlap_at_1pct": fisher.overlap_at_k(
             fishers[group_ids[0]], fishers[group_ids[-1]], max(1, entries // 100)

@@ -273,6 +273,7 @@ def sparse_upstream(
          "maskable": sum(int(np.size(initial[p])) for p in paths), "per_leaf": per_leaf},
         indent=2) + "\n")  # fmt: skip
     log.info("SFT: %d of the encoder's entries selected (k=%d)", sum(per_leaf.values()), k)
+    print(masks.summary(params, label_tree, selected))  # the sparse phase's trainable entries
 
     def export(directory: Path, state: TrainState, step: int, results: dict) -> None:
         flat = traverse_util.flatten_dict(jax.device_get(state.params))
