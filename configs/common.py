@@ -162,7 +162,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # The reference code freezes every LayerNorm downstream (METHOD.md §5.3; not in the paper).
     config.downstream.freeze_layernorm = True
     # what trains besides frozen patches: a registered trainable set
-    # (phases.downstream.TRAINABLE_SETS): "all", "bitfit" (biases + head), "beft" (one bias
+    # (trainable_sets.TRAINABLE_SETS): "all", "bitfit" (biases + head), "beft" (one bias
     # type + head, see config.beft), "lowrank" (fisher_lowrank's factors + head); the bias
     # modes ignore freeze_layernorm
     config.downstream.trainable = "all"

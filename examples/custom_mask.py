@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from peftdebias_jax import masks, phases
 from peftdebias_jax.evaluation.extrinsic import GROUPINGS
-from peftdebias_jax.phases.downstream import TRAINABLE_SETS
+from peftdebias_jax.trainable_sets import TRAINABLE_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from config_fixtures import load_config
 from peftdebias_jax import phases, report
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.importance import bias_scores, fisher
-from peftdebias_jax.phases.downstream import TRAINABLE_SETS
+from peftdebias_jax.trainable_sets import TRAINABLE_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_example_script_trains_new_masks_with_public_names_only(tmp_path):
     imports = re.findall(r"^from (peftdebias_jax\S*) import (.+)$", source, flags=re.M)
     public = {"peftdebias_jax": "masks, phases",
               "peftdebias_jax.evaluation.extrinsic": "GROUPINGS",
-              "peftdebias_jax.phases.downstream": "TRAINABLE_SETS"}  # fmt: skip
+              "peftdebias_jax.trainable_sets": "TRAINABLE_SETS"}  # fmt: skip
     assert dict(imports) == public and "sys.path" not in source
 
 

@@ -21,13 +21,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, peft
+from peftdebias_jax import checkpoint, masks, peft, trainable_sets
 from peftdebias_jax import evaluation as ev
 from peftdebias_jax.data import pipeline, splits, tasks
-from peftdebias_jax.errors import ConfigError
-from peftdebias_jax.importance import bias_scores, fisher
+from peftdebias_jax.importance import fisher
 from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
-from peftdebias_jax.registry import Registry
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState
@@ -83,79 +81,6 @@ def score_split(
     return out
 
 
-# Trainable sets of the fine-tuning run (`downstream.trainable`): each gets the config, the
-# workdir, the module, its params and the rules that freeze the loaded patches, and returns
-# every rule (or a masks.Trainable with per-entry masks too).
-TRAINABLE_SETS = Registry(
-    "trainable set", "config.downstream.trainable",
-    "peftdebias_jax.phases.downstream.TRAINABLE_SETS",
-)  # fmt: skip
-
-
-@TRAINABLE_SETS.register("all")
-def train_all(
-    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
-) -> list:
-    """Everything but the patches; LayerNorms frozen as the reference unless
-    `downstream.freeze_layernorm` is off."""
-    norms = masks.LAYER_NORM_RULES if config.downstream.freeze_layernorm else []
-    return [*patch_rules, *norms, (".*", "train")]
-
-
-@TRAINABLE_SETS.register("bitfit")
-def train_biases(
-    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
-) -> list:
-    """BitFit: every bias + the pooler bias + the classifier."""
-    return [*patch_rules, *bias_scores.rules(None)]
-
-
-@TRAINABLE_SETS.register("beft")
-def train_bias_type(
-    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
-) -> list:
-    """BEFT: one bias type (b_v in mode v2_direct, the bias_select phase's choice in
-    v1_select) + the same head as BitFit."""
-    return [*patch_rules, *bias_scores.rules([selected_bias_type(config, workdir)])]
-
-
-@TRAINABLE_SETS.register("lowrank")
-def train_lowrank(
-    config: ml_collections.ConfigDict, workdir: Path, module, params: dict, patch_rules: list
-) -> list:
-    """The fisher_lowrank factors, the head and the target biases."""
-    rules = [r for r in patch_rules if r[0] != masks.patch_regex(LOWRANK)]
-    return [(masks.patch_regex(LOWRANK), "train"), *rules, *bias_scores.HEAD_RULES,
-            (".*", "freeze")]  # fmt: skip
-
-
-def trainable_set(
-    config: ml_collections.ConfigDict, workdir: Path, module, params: dict
-) -> masks.Trainable:
-    """What the fine-tuning run trains: every loaded patch frozen, then the registered
-    trainable set `downstream.trainable` names."""
-    patch_rules = [(masks.patch_regex(p.name), "freeze") for p in module.patches]
-    chosen = TRAINABLE_SETS.lookup(config.downstream.trainable)
-    result = chosen(config, workdir, module, params, patch_rules)
-    return result if isinstance(result, masks.Trainable) else masks.Trainable(result)
-
-
-def selected_bias_type(config: ml_collections.ConfigDict, workdir: Path) -> str:
-    """b_v for BEFT v2; the type bias_scores.json names for v1 (the bias_select phase)."""
-    if config.beft.mode == "v2_direct":
-        return "b_v"
-    if config.beft.mode != "v1_select":
-        raise ConfigError(f"config.beft.mode must be 'v2_direct' or 'v1_select', got "
-                          f"{config.beft.mode!r}")  # fmt: skip
-    scores = workdir / "bias_scores.json"
-    if not scores.exists():
-        raise ConfigError(f"{scores} not found: BEFT v1 needs the bias_select phase first")
-    return json.loads(scores.read_text())["selected"]
-
-
-LOWRANK = "lowrank"
-
-
 def hf_module_name(path: tuple[str, ...]) -> str:
     """bert/encoder/layer_3/output/dense/kernel -> bert.encoder.layer.3.output.dense"""
     return ".".join(p.replace("layer_", "layer.") for p in path[:-1])
@@ -169,10 +94,10 @@ def attach_lowrank(workdir: Path, module, params) -> tuple[Any, dict]:
     paths = [tuple(p.split("/")) for p in record["paths"]]
     names = "|".join(re.escape(hf_module_name(p)) for p in paths)
     spec = peft.PatchConfig("lora", r=record["rank"], alpha=record["rank"], target_modules=names)
-    module = checkpoint.with_patch(module, LOWRANK, spec)
+    module = checkpoint.with_patch(module, trainable_sets.LOWRANK, spec)
     kernels, leaves = dict(traverse_util.flatten_dict(params)), {}
     for path, factors in zip(paths, stored, strict=True):
-        scope = (*path[:-1], f"lora_{LOWRANK}")
+        scope = (*path[:-1], f"lora_{trainable_sets.LOWRANK}")
         leaves[(*scope, "lora_A")] = np.asarray(factors["down"])
         leaves[(*scope, "lora_B")] = np.asarray(factors["up"])
         kernels[path] = jnp.asarray(factors["kernel"], kernels[path].dtype)
@@ -196,7 +121,7 @@ def ewc_regularizer(workdir: Path, lam: float):
         flat = traverse_util.flatten_dict(params)
         effective = {}
         for path in paths:
-            scope = (*path[:-1], f"lora_{LOWRANK}")
+            scope = (*path[:-1], f"lora_{trainable_sets.LOWRANK}")
             effective[path] = flat[path] + flat[(*scope, "lora_A")] @ flat[(*scope, "lora_B")]
         return fisher.ewc_penalty(effective, anchor, weight, lam)
 
@@ -236,7 +161,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         module, params = attach_lowrank(workdir, module, params)
         if config.fisher.ewc_lambda:
             regularizer = ewc_regularizer(workdir, config.fisher.ewc_lambda)
-    trainable = trainable_set(config, workdir, module, params)
+    trainable = trainable_sets.trainable_set(config, workdir, module, params)
     label_tree = masks.labels(params, trainable.rules)
     # a sparse (SFT) patch: its entries stay as loaded; a trainable set's entry masks
     trainable_entries = dict(trainable.entries or {})
@@ -298,15 +223,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         log.info("downstream: new best %s at step %d", results, step)
 
     metric = "eval_accuracy" if task.selection == "accuracy" else "eval_macro_f1"
-    settings = FitSettings(
-        num_steps=num_steps,
-        eval_every=dn.eval_every,
-        log_every=dn.log_every,
-        checkpoint_every=dn.checkpoint_every,
-        steps_per_call=dn.steps_per_call,
-        source="config.downstream",
-        name="downstream",
-    )
+    settings = FitSettings.of(dn, num_steps, "downstream", "config.downstream")
     final, selection = fit(
         state=trainer.state,
         label_tree=label_tree,

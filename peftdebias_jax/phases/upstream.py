@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, models
+from peftdebias_jax import checkpoint, masks, models, trainable_sets
 from peftdebias_jax.data import cda, pipeline, records, sampling, synthetic
 from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.errors import ConfigError
@@ -70,13 +70,6 @@ def cda_sequences(config, tokenizer, texts: list[str], augmenter) -> list[np.nda
     return pipeline.encode(tokenizer, augmented, config.upstream.max_len)
 
 
-def upstream_rules(config, module: models.EncoderModel, patch_name: str) -> list[tuple[str, str]]:
-    rules = [(masks.patch_regex(patch_name), "train")]
-    if config.upstream.train_mlm_head:
-        rules += masks.mlm_head_rules(module.config.model_type)
-    return [*rules, (".*", "freeze")]
-
-
 def train_mlm(
     config: ml_collections.ConfigDict,
     workdir: Path,
@@ -129,15 +122,7 @@ def train_mlm(
             results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
         return {"eval_loss": steps.hf_eval_loss(results)}
 
-    settings = FitSettings(
-        num_steps=up.num_steps,
-        eval_every=up.eval_every,
-        log_every=up.log_every,
-        checkpoint_every=up.checkpoint_every,
-        steps_per_call=up.steps_per_call,
-        source="config.upstream",
-        name=name,
-    )
+    settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
     return fit(
         state=trainer.state,
         label_tree=label_tree,
@@ -192,7 +177,7 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         module, params = models.untie_decoder(module, params)
         label_tree = masks.labels(params, masks.DENSE_CDA_RULES)
     else:
-        label_tree = masks.labels(params, upstream_rules(config, module, patch_name))
+        label_tree = masks.labels(params, trainable_sets.upstream_rules(config, module, patch_name))
     print(masks.summary(params, label_tree))
     base_name = config.model.name if config.model.init != "random" else None
     if sparse:

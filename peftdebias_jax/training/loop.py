@@ -69,6 +69,14 @@ class FitSettings:
     steps_per_call: int = 1  # steps run by one compiled call (steps.repeated)
     source: str = "settings"  # where the values come from, for errors: "config.upstream"
 
+    @classmethod
+    def of(cls, section: Any, num_steps: int, name: str, source: str) -> FitSettings:
+        """The cadence keys of a config section (`eval_every`, `log_every`,
+        `checkpoint_every`, `steps_per_call`)."""
+        return cls(num_steps=num_steps, eval_every=section.eval_every,
+                   log_every=section.log_every, checkpoint_every=section.checkpoint_every,
+                   steps_per_call=section.steps_per_call, source=source, name=name)  # fmt: skip
+
     def __post_init__(self) -> None:
         for key in ("eval_every", "log_every", "checkpoint_every", "steps_per_call"):
             value = getattr(self, key)
