@@ -81,7 +81,7 @@ def test_class_weights_are_logged_and_recorded(tmp_path, caplog):
     config = load_config("race_ft", "smoke")
     config.downstream.update(num_steps=2, class_weights="1=4")
     config.phases = ("downstream",)
-    with caplog.at_level(logging.INFO, logger="peftdebias_jax.downstream"):
+    with caplog.at_level(logging.INFO, logger="peftdebias_jax.phases.downstream"):
         phases.run(config, tmp_path)
     assert any("class weights (1=4)" in r.getMessage() for r in caplog.records)
     recorded = json.loads((tmp_path / "downstream_results.json").read_text())["class_weights"]
