@@ -103,7 +103,7 @@ def train(tmp_path, case: dict, steps_per_call: int, seed: int):
     return traverse_util.flatten_dict(jax.device_get(final.params)), lines, calls, runner
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_any_steps_per_call_trains_as_one_step_per_call_on_mixed_lengths(tmp_path, seed):
     case = random_case(seed)
     one, one_lines, one_calls, _ = train(tmp_path, case, 1, seed)
