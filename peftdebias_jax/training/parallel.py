@@ -102,17 +102,16 @@ class Runner:
 
         def run(state, batch, *rest):
             shape = tuple(batch["input_ids"].shape)
-            big, began = False, time.perf_counter()
-            if shape not in executables:
+            executable = executables.get(shape)
+            if executable is None:
                 count = len(executables) + 1
                 log.info("compiling %s for batch shape %s (compile #%d)", name, shape, count)
                 # a big train step: one-off programs (init, loading) are dropped before it
                 big = repeated and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
-            new = shape not in executables
-            executable = memory.compiled_ahead(
-                compiled, executables, shape, state, batch, *rest, drop_caches=big
-            )
-            if new:
+                began = time.perf_counter()
+                executable = memory.compiled_ahead(
+                    compiled, executables, shape, state, batch, *rest, drop_caches=big
+                )
                 self.compile_seconds += time.perf_counter() - began
             return executable(state, batch, *rest)
 
