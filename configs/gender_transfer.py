@@ -14,7 +14,7 @@ from configs import common
 def get_config(preset=None):
     config = common.make("gender", "seq_bn", preset)
     config.downstream.task = "mnli"
-    if not preset:
+    if not common.is_small(preset):
         config.downstream.train_file = "data/mnli/train.jsonl"
         config.downstream.validation_file = "data/mnli/validation_matched.jsonl"
         config.downstream.test_file = ""

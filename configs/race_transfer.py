@@ -14,7 +14,7 @@ from configs import common
 def get_config(preset=None):
     config = common.make("race", "seq_bn", preset)
     config.downstream.task = "lhc"
-    if not preset:
+    if not common.is_small(preset):
         config.downstream.train_file = "data/lhc/train.jsonl"
         config.downstream.validation_file = "data/lhc/validation.jsonl"
         config.downstream.test_file = "data/lhc/test.jsonl"

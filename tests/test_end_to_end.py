@@ -2,6 +2,7 @@
 synthetic data, and the report / --compare output."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from config_fixtures import load_config
 from peftdebias_jax import phases, report
 from peftdebias_jax.data import synthetic
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.phases import downstream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,12 +118,64 @@ def test_planted_gender_bias_is_detected_by_tpr_gap(tmp_path):
     assert biased["tpr_gap"] > fair["tpr_gap"] + 10, (biased["tpr_gap"], fair["tpr_gap"])
 
 
+NUMBER = r"-?\d+\.\d+"
+WITH_INTERVAL = re.compile(rf"^{NUMBER} \[{NUMBER}, {NUMBER}\]$")
+
+
+def table_cells(text: str, first_row: str) -> list[list[str]]:
+    """The cells after the label of every row of the markdown table holding `first_row`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_row))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")][1:])
+    return rows
+
+
+def assert_every_number_has_an_interval(text: str) -> None:
+    """Every cell of Table 2 (after the header) is a number with its [low, high]."""
+    section = text.split("## Table 2 layout")[1].split("\n## ")[0]
+    rows = table_cells(section, "| FT |")
+    assert rows and all(WITH_INTERVAL.match(c) for row in rows for c in row), rows
+
+
+def test_seeds_run_per_seed_and_report_mean_sd_and_paired_intervals(tmp_path):
+    config = load_config("race_adapter", "smoke")
+    config.phases = ("upstream", "downstream", "baseline", "report")
+    config.seeds = (1, 2, 3)
+    # the stereotyped task's splits are the same for every seed: the seeds' predictions
+    # are of the same test examples, so the mean change gets a paired interval
+    config.upstream.train_file = config.downstream.train_file = "stereotyped"
+    phases.run(config, tmp_path)
+    for seed in (1, 2, 3):
+        sub = json.loads((tmp_path / f"seed-{seed}" / "config.json").read_text())
+        assert sub["seed"] == seed and not sub["seeds"]
+        assert_every_number_has_an_interval((tmp_path / f"seed-{seed}" / "report.md").read_text())
+    text = (tmp_path / "report.md").read_text()
+    rows = table_cells(text, "| FT |")
+    assert len(rows) == 2 and all(re.match(rf"^{NUMBER} ± {NUMBER} \(n=3\)$", c)
+                                  for row in rows for c in row), rows  # fmt: skip
+    change = next(line for line in text.splitlines() if line.startswith("Change of Adapter"))
+    assert "over 3 seeds" in change, change
+    assert re.search(r"mean change [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]", change), change
+    with pytest.raises(ConfigError, match="repeats"):
+        config.seeds = (1, 1)
+        phases.run(config, tmp_path / "again")
+
+
 def test_report_with_baseline_and_compare(tmp_path):
     config = load_config("race_adapter", "smoke")
     config.phases = ("upstream", "downstream", "baseline", "report")
     phases.run(config, tmp_path / "adapter")
     text = (tmp_path / "adapter" / "report.md").read_text()
     assert "| FT |" in text and "| Adapter |" in text and "Effect of Adapter against FT" in text
+    assert_every_number_has_an_interval(text)
+    effect = next(line for line in text.splitlines() if line.startswith("Effect of Adapter"))
+    assert re.search(r"FPRD Dixon [\d.]+ -> [\d.]+ \([+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]\)",
+                     effect), effect  # fmt: skip
+    assert "## FPRD per identity term" in text and "| negatives |" in text
     for plot in ("group_bias.png", "loss_curves.png"):
         assert (tmp_path / "adapter" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     lora = load_config("race_lora", "smoke")

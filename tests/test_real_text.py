@@ -30,9 +30,10 @@ SCHEDULE = dict(num_steps=20, eval_every=20, checkpoint_every=10, log_every=10, 
 
 
 def real_config(name: str, minilm_dir, data_file, **upstream):
-    """The config's paper setting on MiniLM, a local corpus, short schedules and batches of
-    8; split caps keep it to a few hundred rows."""
-    config = load_config(name)
+    """The config's minilm preset (the documented real-data setting: head warm-up, split
+    caps) on a local corpus, with short schedules, batches of 8 and caps of a few hundred
+    rows."""
+    config = load_config(name, "minilm")
     config.model.name = str(minilm_dir)
     config.phases = ("upstream", "downstream")
     up, dn = config.upstream, config.downstream
@@ -40,6 +41,7 @@ def real_config(name: str, minilm_dir, data_file, **upstream):
               **SCHEDULE)  # fmt: skip
     # one epoch (16-19 batches of 8) fits in the 20 steps: every bucket is trained on
     up.max_examples.update(train=100, validation=48)
+    up.head_warmup_steps = 10  # MiniLM ships no MLM head: "auto" warms one up first
     up.update(upstream)
     dn.update(train_file=str(data_file), validation_file="", test_file="", **SCHEDULE)
     dn.max_examples.update(train=120, validation=64)
@@ -86,7 +88,8 @@ def check_run(workdir, captured, caplog, buckets=(3, 3)):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     values = [v for line in lines for k, v in line.items() if k not in ("phase", "step")]
     assert values and all(math.isfinite(v) for v in values)
-    assert {line["phase"] for line in lines} == {"upstream", "downstream"}
+    assert {line["phase"] for line in lines} == {"upstream_head", "upstream", "downstream"}
+    assert (workdir / "upstream_head.done.json").exists() and (workdir / "head_warmup").exists()
     results = json.loads((workdir / "downstream_results.json").read_text())
     scores = results["validation"]
     assert all(math.isfinite(x) for x in finite_numbers(scores))
@@ -120,10 +123,11 @@ def test_race_axis_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, caplog)
     _, leaves = patch_leaves(tmp_path / "lora" / "patch")
     assert leaves and all("lora_debias" in path for path in leaves)
 
-    # upstream killed while step 14 is prepared (a call of steps 11-20), then resumed
+    # upstream killed while its step 14 is prepared (a call of steps 11-20; the head
+    # warm-up's 10 batches come first), then resumed
     killed = real_config("race_adapter", minilm_dir, GHC)
     killed.phases = ("upstream",)
-    with kill_at_batch(monkeypatch, 14), pytest.raises(Interrupted):
+    with kill_at_batch(monkeypatch, 24), pytest.raises(Interrupted):
         phases.run(killed, tmp_path / "killed")
     phases.run(killed, tmp_path / "killed")
     assert_same_patches(tmp_path / "adapter", tmp_path / "killed")

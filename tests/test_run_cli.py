@@ -25,7 +25,7 @@ def test_every_config_resolves_in_every_preset(path):
     baseline = path.stem.endswith(("_ft", "_full_debias", "_beft", "_fisher_lowrank"))
     if path.stem.endswith("_transfer"):
         assert load_config(path, None).downstream.task in ("mnli", "lhc")
-    for preset in (None, "demo", "smoke"):
+    for preset in (None, "demo", "smoke", "minilm"):
         config = load_config(path, preset)
         assert config.axis == axis
         assert (config.patch.method == "none") == baseline

@@ -11,8 +11,11 @@ from config_fixtures import load_config
 from conftest import SHARED_DATA
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, phases
-from peftdebias_jax.data import pipeline
+from peftdebias_jax import checkpoint, masks, models, phases
+from peftdebias_jax.data import pipeline, synthetic
+from peftdebias_jax.data.tokenizer import train_wordpiece
+from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.phases import common
 from peftdebias_jax.training import loop, steps
 
 
@@ -150,3 +153,60 @@ def test_missing_corpus_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(phases.upstream, "fit", lambda **_: pytest.fail("training started"))
     with pytest.raises(Exception, match=r"nope\.jsonl: data file not found"):
         phases.upstream.upstream(config, tmp_path)
+
+
+def headless_checkpoint(tmp_path, config, head="none"):
+    """A tiny pretrained-format directory with no MLM head (as all-MiniLM-L6-v2; with
+    head="mlm", one), its WordPiece vocabulary built on the smoke corpus."""
+    texts = synthetic.corpus(config.axis, 60, 0)
+    words = [w for tuples in synthetic.WORD_LISTS.values() for t in tuples for w in t]
+    tokenizer = train_wordpiece(texts, 300, words)
+    arch = common.random_architecture(config, tokenizer)
+    module, params = models.from_config(arch, head=head, seed=5)
+    return models.save_pretrained(tmp_path / f"base-{head}", module, params, tokenizer)
+
+
+def test_headless_base_gets_a_head_warm_up_first(tmp_path, monkeypatch):
+    config = smoke(tmp_path, "race_adapter", num_steps=4, head_warmup_steps=6, eval_every=3)
+    config.model.init, config.model.name = "pretrained", str(headless_checkpoint(tmp_path, config))
+    assert not models.has_mlm_head(config.model.name)
+    runs = []
+    real_fit = phases.upstream.fit
+
+    def recording_fit(**kwargs):
+        start = traverse_util.flatten_dict(jax.device_get(kwargs["state"].params))
+        final, selection = real_fit(**kwargs)
+        labels = traverse_util.flatten_dict(kwargs["label_tree"])
+        runs.append((kwargs["settings"].name, start, labels,
+                     traverse_util.flatten_dict(jax.device_get(final.params))))  # fmt: skip
+        return final, selection
+
+    monkeypatch.setattr(phases.upstream, "fit", recording_fit)
+    phases.upstream.upstream(config, tmp_path / "run")
+    (warm, warm_start, warm_labels, warm_final), (patch, patch_start, _, _) = runs
+    assert (warm, patch) == ("upstream_head", "upstream")
+    trained = {p for p, label in warm_labels.items() if label == "train"}
+    assert trained and all(p[0] == "cls" for p in trained), "only the MLM head warms up"
+    assert not any(masks.patch_name(p) for p in warm_start), "no patch during the warm-up"
+    head = traverse_util.flatten_dict(checkpoint.load_tree(tmp_path / "run" / "head_warmup"))
+    for path in trained:
+        assert not np.array_equal(warm_final[path], warm_start[path]), path
+        np.testing.assert_array_equal(patch_start[path], head[path])  # the patch starts on it
+    for path, value in warm_start.items():
+        if path not in trained:
+            np.testing.assert_array_equal(patch_start[path], value)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert {m["phase"] for m in metrics} >= {"upstream_head", "upstream"}
+
+    # "never" skips it; a base with a head skips it under "auto"
+    runs.clear()
+    config.upstream.head_warmup = "never"
+    phases.upstream.upstream(config, tmp_path / "never")
+    assert [name for name, *_ in runs] == ["upstream"]
+    config.upstream.head_warmup = "sometimes"
+    with pytest.raises(ConfigError, match=r"config\.upstream\.head_warmup='sometimes'"):
+        phases.upstream.upstream(config, tmp_path / "bad")
+    config.upstream.head_warmup = "auto"
+    config.model.name = str(headless_checkpoint(tmp_path, config, head="mlm"))
+    assert not phases.upstream.needs_head_warmup(config)
+    assert not phases.upstream.needs_head_warmup(smoke(tmp_path, "race_adapter"))  # random init

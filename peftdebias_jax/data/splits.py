@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from peftdebias_jax.data import pipeline, sampling, synthetic, tasks
+from peftdebias_jax.data import pipeline, sampling, stereotypes, synthetic, tasks
 from peftdebias_jax.data.records import DataError
 
 
@@ -26,6 +26,14 @@ def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[
         labels = tasks.label_set(task, train)
         if task.labels is None or task.name == "bias_bios":
             labels = tuple(sorted({e.label for e in train + splits["validation"]}))
+    elif dn.train_file == "stereotyped":  # a fixed dataset: seeds vary training only, and
+        size = dn.synthetic_size  # every seed's predictions are of the same test examples
+        train = stereotypes.task(task.name, size, 0, "train")
+        splits = {
+            "validation": stereotypes.task(task.name, max(size // 4, 8), 1, "train"),
+            "test": stereotypes.task(task.name, size, 2, "test"),
+        }
+        labels = tuple(sorted({e.label for e in train}))
     else:
         train = tasks.load_split(task, dn.train_file)
         labels = tasks.label_set(task, train)

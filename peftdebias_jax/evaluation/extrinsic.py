@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from peftdebias_jax.evaluation.bootstrap import Statistic, rate
 from peftdebias_jax.registry import Registry
 
 # The reference code's 54 identity terms for FPRD (METHOD.md §6.2).
@@ -178,35 +180,46 @@ def fprd(
         text contains t as a whole word;  FPRD = sum_t |FPR_t - FPR|
     Terms with no example (no negative example for "dixon") are skipped and listed.
     """
+    flags, pool, members = fprd_parts(y_true, y_pred, texts, terms, variant, negative, positive)
+    overall = float(flags[pool].mean())
+    per_term, counts, skipped = {}, {}, []
+    for term, member in zip(terms, members, strict=True):
+        if not member.any():
+            skipped.append(term)
+            continue
+        per_term[term] = float(flags[member].mean())
+        counts[term] = int(member.sum())
+    value = sum(abs(rate - overall) for rate in per_term.values())
+    return Fprd(value, overall, per_term, counts, skipped)
+
+
+def fprd_parts(
+    y_true: Sequence,
+    y_pred: Sequence,
+    texts: Sequence[str],
+    terms: Sequence[str],
+    variant: str,
+    negative: Hashable,
+    positive: Hashable,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive flag per example, the pool F is taken over, one row per term of the
+    pool examples that count for it): what `fprd` and its bootstrap statistic share."""
     _check_lengths(y_true, y_pred, texts)
     if variant not in ("reference", "dixon"):
         raise ValueError(f"variant must be 'reference' or 'dixon', got {variant!r}")
-    flags = [t == negative and p == positive for t, p in zip(y_true, y_pred, strict=True)]
+    flags = np.array([t == negative and p == positive for t, p in zip(y_true, y_pred, strict=True)])
     if variant == "reference":
-        pool = list(range(len(flags)))
-
-        def contains(text: str, term: str) -> bool:
-            return term in text
-
+        pool = np.ones(len(flags), bool)
+        members = np.array([[term in text for text in texts] for term in terms], bool)
     else:
-        pool = [i for i, t in enumerate(y_true) if t == negative]
-
-        def contains(text: str, term: str) -> bool:
-            return re.search(rf"\b{re.escape(term.lower())}\b", text.lower()) is not None
-
-    if not pool:
+        pool = np.array([t == negative for t in y_true], bool)
+        lowered = [text.lower() for text in texts]
+        patterns = [re.compile(rf"\b{re.escape(term.lower())}\b") for term in terms]
+        members = np.array([[p.search(t) is not None for t in lowered] for p in patterns], bool)
+        members &= pool
+    if not pool.any():
         raise ValueError("no negative example: the false-positive rate is undefined")
-    overall = sum(flags[i] for i in pool) / len(pool)
-    per_term, counts, skipped = {}, {}, []
-    for term in terms:
-        members = [i for i in pool if contains(texts[i], term)]
-        if not members:
-            skipped.append(term)
-            continue
-        per_term[term] = sum(flags[i] for i in members) / len(members)
-        counts[term] = len(members)
-    value = sum(abs(rate - overall) for rate in per_term.values())
-    return Fprd(value, overall, per_term, counts, skipped)
+    return flags, pool, members.reshape(len(terms), len(flags))
 
 
 def fraction_neutral(y_pred: Sequence, neutral: Hashable = "neutral") -> float:
@@ -261,6 +274,117 @@ def equalized_odds_difference(
     if not spreads:
         return 0.0
     return {"max": max(spreads), "sum": sum(spreads), "half": sum(spreads) / 2}[variant]
+
+
+# --- bootstrap statistics: each metric above as a function of per-example resampling
+# weights w, (resamples, n) -> (resamples,), for evaluation.bootstrap; at w = 1 each equals
+# its metric (tested). Classes or terms a resample leaves empty are skipped as above.
+
+
+def _indicators(values: Sequence, keys: Sequence) -> np.ndarray:
+    """(len(keys), n) bool: row k marks the examples whose value is keys[k]."""
+    return np.array([[v == k for v in values] for k in keys], bool).reshape(len(keys), -1)
+
+
+def accuracy_statistic(y_true: Sequence, y_pred: Sequence) -> Statistic:
+    _check_lengths(y_true, y_pred)
+    correct = np.array([t == p for t, p in zip(y_true, y_pred, strict=True)])
+    return lambda w: rate(w, correct, np.ones_like(correct))
+
+
+def macro_f1_statistic(y_true: Sequence, y_pred: Sequence) -> Statistic:
+    _check_lengths(y_true, y_pred)
+    classes = sorted(set(y_true) | set(y_pred), key=str)
+    true, pred = _indicators(y_true, classes), _indicators(y_pred, classes)
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        tp, fp, fn = (w @ (a & b).T.astype(float) for a, b in
+                      ((true, pred), (~true, pred), (true, ~pred)))  # fmt: skip
+        den = 2 * tp + fp + fn
+        f1 = np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), np.nan)
+        return np.nanmean(f1, axis=1)
+
+    return statistic
+
+
+def tpr_gap_statistic(
+    y_true: Sequence, y_pred: Sequence, groups: Sequence, pair: tuple = ("m", "f")
+) -> Statistic:
+    _check_lengths(y_true, y_pred, groups)
+    classes = sorted(set(y_true), key=str)
+    true, pred = _indicators(y_true, classes), _indicators(y_pred, classes)
+    first, second = (_indicators(groups, [g])[0] for g in pair)
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        gaps = rate(w, true & pred & first, true & first) - rate(
+            w, true & pred & second, true & second
+        )
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no class
+            return 100.0 * np.sqrt(np.nanmean(gaps**2, axis=1))
+
+    return statistic
+
+
+def fprd_statistic(
+    y_true: Sequence,
+    y_pred: Sequence,
+    texts: Sequence[str],
+    terms: Sequence[str] = GROUP_BIAS_WORDS,
+    variant: str = "reference",
+    negative: Hashable = 0,
+    positive: Hashable = 1,
+) -> Statistic:
+    flags, pool, members = fprd_parts(y_true, y_pred, texts, terms, variant, negative, positive)
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        overall = rate(w, flags[None], pool[None])
+        return np.nansum(np.abs(rate(w, members & flags, members) - overall), axis=1)
+
+    return statistic
+
+
+def fraction_neutral_statistic(y_pred: Sequence, neutral: Hashable = "neutral") -> Statistic:
+    hits = np.array([p == neutral for p in y_pred])
+    return lambda w: rate(w, hits, np.ones_like(hits))
+
+
+def _group_rates(w, hits, groups: np.ndarray) -> np.ndarray:
+    return rate(w, groups & hits, groups)
+
+
+def _spread(rates: np.ndarray) -> np.ndarray:
+    """max - min over the defined rates per resample (NaN with fewer than two)."""
+    defined = np.isfinite(rates).sum(1)
+    high = np.where(np.isfinite(rates), rates, -np.inf).max(1)
+    low = np.where(np.isfinite(rates), rates, np.inf).min(1)
+    return np.where(defined > 1, high - low, np.nan)
+
+
+def demographic_parity_statistic(
+    y_pred: Sequence, groups: Sequence, positive: Hashable = 1
+) -> Statistic:
+    _check_lengths(y_pred, groups)
+    member = _indicators(groups, sorted(set(groups), key=str))
+    hits = np.array([p == positive for p in y_pred])
+    return lambda w: _spread(_group_rates(w, hits, member))
+
+
+def equalized_odds_statistic(
+    y_true: Sequence, y_pred: Sequence, groups: Sequence, positive: Hashable = 1
+) -> Statistic:
+    """The "max" variant of `equalized_odds_difference` (0 where no spread is defined)."""
+    _check_lengths(y_true, y_pred, groups)
+    member = _indicators(groups, sorted(set(groups), key=str))
+    hits = np.array([p == positive for p in y_pred])
+    is_pos = np.array([t == positive for t in y_true])
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        spreads = np.stack([_spread(_group_rates(w, hits, member & is_pos)),
+                            _spread(_group_rates(w, hits, member & ~is_pos))])  # fmt: skip
+        return np.nan_to_num(np.fmax(spreads[0], spreads[1]), nan=0.0)
+
+    return statistic
 
 
 # How examples split into groups for DP/EO and the Fisher groups (`downstream.groups`):

@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import string
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ import numpy as np
 
 from peftdebias_jax.data.pipeline import bucket_lengths
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.evaluation.bootstrap import (
+    Settings,
+    Statistic,
+    percentile_interval,
+    rate,
+    replicates,
+)
 from peftdebias_jax.files import read_json
 from peftdebias_jax.training import memory
 
@@ -223,6 +231,13 @@ def crows_pairs(
     return CrowsResult(score, evaluated, successes, neutral, skipped, per_pair)
 
 
+def crows_statistic(per_pair: Sequence[dict[str, Any]]) -> Statistic:
+    """The CrowS-Pairs score over the evaluated pairs (`CrowsResult.pairs`) as a bootstrap
+    statistic: 100 * the weighted share of pairs that prefer the more stereotyping one."""
+    success = np.array([p["preferred"] == "sent_more" for p in per_pair])
+    return lambda w: 100.0 * rate(w, success, np.ones_like(success))
+
+
 # ------------------------------------------------------------------------- StereoSet
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
@@ -319,6 +334,35 @@ def stereoset_scores(items: Sequence[StereoItem], scores: Sequence[dict[str, flo
     return results
 
 
+def stereoset_statistic(
+    items: Sequence[StereoItem], scores: Sequence[dict[str, float]], domain: str, key: str = "ss"
+) -> Statistic:
+    """A domain's SS or LMS (`stereoset_scores`) as a bootstrap statistic over the items:
+    per target the weighted share, then the mean over the targets a resample has."""
+    chosen = [i for i, item in enumerate(items) if domain in ("overall", item.bias_type)]
+    targets = sorted({items[i].target for i in chosen})
+    member = np.zeros((len(targets), len(items)), bool)
+    for i in chosen:
+        member[targets.index(items[i].target), i] = True
+    stereo = np.array([s["stereotype"] for s in scores])
+    anti = np.array([s["anti-stereotype"] for s in scores])
+    unrelated = np.array([s["unrelated"] for s in scores])
+    if key == "ss":
+        hits, scale = (stereo > anti).astype(float), 100.0
+    elif key == "lms":
+        hits, scale = (stereo > unrelated).astype(float) + (anti > unrelated), 50.0
+    else:
+        raise ValueError(f"key must be 'ss' or 'lms', got {key!r}")
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        per_target = rate(w, member * hits, member)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no target
+            return scale * np.nanmean(per_target, axis=1)
+
+    return statistic
+
+
 # ------------------------------------------------------------------------------ SEAT
 
 
@@ -369,6 +413,22 @@ def effect_size(x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray) -> f
     return float((sx.mean() - sy.mean()) / np.concatenate([sx, sy]).std(ddof=1))
 
 
+def effect_size_statistic(x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray) -> Statistic:
+    """SEAT's d as a bootstrap statistic over the target sentences X u Y (attribute sets
+    fixed): weighted means of s(w, A, B) per target set over their weighted sample sd."""
+    s = np.concatenate([association(x, a, b), association(y, a, b)])
+    first = np.arange(len(s)) < len(x)
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        total, mean = w.sum(1), (w @ s) / w.sum(1)
+        var = (w @ s**2 - total * mean**2) / (total - 1)
+        gap = rate(w, first * s, first) - rate(w, ~first * s, ~first)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(var > 1e-12, gap / np.sqrt(np.maximum(var, 1e-300)), np.nan)
+
+    return statistic
+
+
 def p_value(
     x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, samples: int = 100_000, seed=0
 ) -> float:
@@ -390,14 +450,37 @@ def p_value(
     return float((count + 1) / (samples + 1))
 
 
-def seat(module, params, tokenizer, paths: Sequence[str | Path], samples: int = 100_000):
-    """Effect size and p-value of each SEAT test file."""
+def seat(
+    module,
+    params,
+    tokenizer,
+    paths: Sequence[str | Path],
+    samples: int = 100_000,
+    settings: Settings | None = None,
+):
+    """Effect size and p-value of each SEAT test file; with `settings`, the effect size's
+    bootstrap interval over the target sentences and its "replicates" (test i resampled
+    with seed + i, so tests are independent and `mean_abs_effect` can combine them)."""
     results = []
-    for path in paths:
+    for i, path in enumerate(paths):
         test = load_seat(path)
         x, y = (sentence_embeddings(module, params, tokenizer, t) for t in test.targets)
         a, b = (sentence_embeddings(module, params, tokenizer, t) for t in test.attributes)
-        results.append({"test": test.name, "effect_size": effect_size(x, y, a, b),
-                        "p_value": p_value(x, y, a, b, samples),
-                        "sizes": [len(x), len(y), len(a), len(b)]})  # fmt: skip
+        result = {"test": test.name, "effect_size": effect_size(x, y, a, b),
+                  "p_value": p_value(x, y, a, b, samples),
+                  "sizes": [len(x), len(y), len(a), len(b)]}  # fmt: skip
+        if settings is not None:
+            own = Settings(settings.resamples, settings.level, settings.seed + i)
+            values = replicates(effect_size_statistic(x, y, a, b), len(x) + len(y), own)
+            result["interval"] = percentile_interval(values, settings.level)
+            result["replicates"] = values
+        results.append(result)
     return results
+
+
+def mean_abs_effect(tests: Sequence[dict[str, Any]], level: float) -> dict[str, Any]:
+    """The mean |d| over SEAT tests (Table 1's column) with its interval from the tests'
+    independent replicates (`seat` with settings), which it removes from the records."""
+    draws = [t.pop("replicates") for t in tests]
+    value = float(np.mean([abs(t["effect_size"]) for t in tests]))
+    return {"value": value, "interval": percentile_interval(np.mean(np.abs(draws), 0), level)}

@@ -7,6 +7,7 @@ from peftdebias_jax.models.pretrained import (
     from_pretrained,
     has_mlm_head,
     load_tokenizer,
+    patch_paths,
     resolve_checkpoint_dir,
     save_pretrained,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "hf_key",
     "init_params",
     "load_tokenizer",
+    "patch_paths",
     "resolve_checkpoint_dir",
     "save_pretrained",
     "to_state_dict",

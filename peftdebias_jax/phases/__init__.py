@@ -1,7 +1,9 @@
 """The paper's phases composed from the library's parts, driven by one ml_collections
 config: one module per phase on `common`, the registry and `run`.
 
-upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories.
+pretrain: a biased base on a generated corpus with planted stereotypes (the demo's).
+upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories
+(`cross_axis`: the same for the other axis, beside this run's).
 downstream: encoder + frozen patch(es) -> task data -> fit(classification step) -> metrics
 (`baseline`: the same with no patch). evaluate: CrowS-Pairs / StereoSet / SEAT for base
 and base + patch, with the task metrics. bias_select, fisher_lowrank: the parameter-mask
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
+from peftdebias_jax import report as report_md
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.phases import (
@@ -26,12 +29,15 @@ from peftdebias_jax.phases import (
     downstream,
     evaluate,
     fisher_lowrank,
+    pretrain,
     report,
     upstream,
 )
 
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
+    "pretrain": pretrain.pretrain,
     "upstream": upstream.upstream,
+    "cross_axis": upstream.cross_axis,
     "bias_select": bias_select.bias_select,
     "fisher_lowrank": fisher_lowrank.fisher_lowrank,
     "baseline": downstream.baseline,
@@ -39,6 +45,9 @@ PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "evaluate": evaluate.evaluate,
     "report": report.report,
 }
+
+
+GENERATED = ("synthetic", "stereotyped")  # data keys the project renders itself
 
 
 def load_config(spec: str | Path) -> ml_collections.ConfigDict:
@@ -74,7 +83,7 @@ def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
     files: dict[str, str] = {}
 
     def data(key: str, value: str) -> None:
-        if value and value != "synthetic" and not value.startswith("hf:"):
+        if value and value not in GENERATED and not value.startswith("hf:"):
             files[key] = value
 
     if "upstream" in phases:
@@ -116,7 +125,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     """Prints the resolved config, writes it to the workdir, runs the configured phases
-    (each builds its model and prints its parameter summary)."""
+    (each builds its model and prints its parameter summary); with `config.seeds`, runs
+    them once per seed in `seed-<n>/` and reports mean ± sd across the seeds."""
+    if config.seeds:
+        run_seeds(config, Path(workdir))
+        return
     unknown = [p for p in config.phases if p not in PHASES]
     if unknown:
         raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
@@ -126,6 +139,37 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     resolved = config.to_dict()
     print("resolved config:\n" + json.dumps(resolved, indent=2, default=str))
     (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    if builds_its_base(config):
+        pretrain.pretrain(config, workdir)
     for name in config.phases:
         PHASES[name](config, workdir)
     print(f"workdir: {workdir}")
+
+
+def builds_its_base(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run starts from the pretrain phase's base (model.name is
+    config.pretrain.output) without listing that phase: then it runs first (cached)."""
+    return (
+        "pretrain" not in config.phases
+        and config.model.init == "pretrained"
+        and Path(config.model.name).resolve() == Path(config.pretrain.output).resolve()
+    )
+
+
+def run_seeds(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """The config once per seed of `config.seeds` (config.seed set, in `seed-<n>/`; a
+    finished seed is skipped phase by phase as any rerun), then report.md across them."""
+    seeds = [int(s) for s in config.seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config.seeds: {seeds} repeats a seed")
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = json.dumps(config.to_dict(), indent=2, default=str)
+    (workdir / "config.json").write_text(resolved + "\n")
+    for seed in seeds:
+        single = config.copy_and_resolve_references()
+        single.seed, single.seeds = seed, ()
+        print(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===")
+        run(single, report_md.seed_dir(workdir, seed))
+    path = report_md.write(workdir)
+    print(path.read_text())
+    print(f"report across seeds: {path}\nworkdir: {workdir}")

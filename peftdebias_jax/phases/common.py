@@ -13,6 +13,7 @@ import ml_collections
 from peftdebias_jax import models, peft
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.evaluation import bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,12 @@ def check_mlm_head(config: ml_collections.ConfigDict) -> None:
             + " ".join(f'--config.evaluate.{k}=""' for k in scored)
             + " (SEAT needs no head)"
         )
+
+
+def bootstrap_settings(config: ml_collections.ConfigDict) -> bootstrap.Settings:
+    """config.bootstrap as evaluation.bootstrap.Settings (a bad value names its key)."""
+    section = config.bootstrap
+    try:
+        return bootstrap.Settings(int(section.resamples), float(section.level), int(section.seed))
+    except ValueError as err:
+        raise ConfigError(f"config.bootstrap: {err}") from None

@@ -22,9 +22,10 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, masks, peft, trainable_sets
-from peftdebias_jax import evaluation as ev
 from peftdebias_jax.data import pipeline, splits, tasks
+from peftdebias_jax.evaluation.scoring import score_split
 from peftdebias_jax.importance import fisher
+from peftdebias_jax.phases import common
 from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
@@ -40,45 +41,6 @@ def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
         return [Path(p) for p in config.downstream.patches]
     has_patch = config.patch.method != "none" and "upstream" in config.phases
     return [workdir / "patch"] if has_patch else []
-
-
-def score_split(
-    task: tasks.Task, labels, examples, predicted: np.ndarray, grouping: str = "auto"
-) -> dict[str, Any]:
-    """Task metrics (x100) and the task's extrinsic bias metrics."""
-    gold = [e.label for e in examples]
-    pred = [labels[i] for i in predicted]
-    out: dict[str, Any] = {
-        "examples": len(examples),
-        "accuracy": 100 * ev.accuracy(gold, pred),
-        "macro_f1": 100 * ev.macro_f1(gold, pred),
-    }
-    if task.name == "bias_bios":
-        gap = ev.tpr_gap(gold, pred, [e.group for e in examples])
-        out.update(tpr_gap=gap.rms, tpr_gaps=gap.gaps, tpr_gap_skipped=gap.skipped)
-    if task.positive is not None:
-        negative = next(label for label in labels if label != task.positive)
-        texts = [e.text for e in examples]
-        for variant in ("reference", "dixon"):
-            try:
-                result = ev.fprd(gold, pred, texts, variant=variant, negative=negative,
-                                 positive=task.positive)  # fmt: skip
-            except ValueError as err:
-                out[f"fprd_{variant}_error"] = str(err)
-                continue
-            out[f"fprd_{variant}"] = result.value
-            out[f"fpr_{variant}_per_term"] = result.per_term
-    if task.name == "bias_nli":
-        out["fn"] = ev.fraction_neutral(pred)
-    if len(labels) == 2 and (task.positive is not None or task.group_name == "dialect"):
-        # binary tasks: DP and EO across the examples' groups (dialect; for hate tasks the
-        # group field, else whether the text names an identity term: evaluation.example_groups)
-        groups = ev.example_groups(examples, grouping)[0].tolist()
-        positive = task.positive if task.positive is not None else labels[1]
-        if len(set(groups)) > 1:
-            out["demographic_parity"] = ev.demographic_parity_difference(pred, groups, positive)
-            out["equalized_odds"] = ev.equalized_odds_difference(gold, pred, groups, positive)
-    return out
 
 
 def hf_module_name(path: tuple[str, ...]) -> str:
@@ -257,7 +219,8 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     for name, (split_task, examples) in evaluations.items():
         prepared = validation if name == "validation" else prepare(examples)
         predicted = predict(device_state, prepared)
-        results[name] = score_split(split_task, labels, examples, predicted, dn.groups)
+        results[name] = score_split(split_task, labels, examples, predicted, dn.groups,
+                                    common.bootstrap_settings(config))  # fmt: skip
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
     done.write_text(json.dumps(results, indent=2, default=str) + "\n")
     (workdir / "downstream_results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -16,18 +16,31 @@ from typing import Any
 import ml_collections
 
 from peftdebias_jax import checkpoint, models
+from peftdebias_jax.data import stereotypes
 from peftdebias_jax.data.records import DataError
-from peftdebias_jax.evaluation import intrinsic
-from peftdebias_jax.phases.common import build_model, check_mlm_head, tokenizer_for
+from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.evaluation import bootstrap, intrinsic
+from peftdebias_jax.phases.common import (
+    bootstrap_settings,
+    build_model,
+    check_mlm_head,
+    tokenizer_for,
+)
+from peftdebias_jax.report import (
+    INTERVAL_NOTE,
+    cell,
+    interval_of,
+    markdown,
+    number,
+    seat_number,
+)
 
 log = logging.getLogger(__name__)
 
 
 def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ec = config.evaluate
-    files: dict[str, Any] = {}
-    if ec.crows_file:
-        files["crows"] = Path(ec.crows_file)
+    files: dict[str, Any] = {"crows": Path(ec.crows_file)} if ec.crows_file else {}
     if ec.stereoset_file:
         files["stereoset"] = Path(ec.stereoset_file)
     if ec.seat_dir:
@@ -38,6 +51,24 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
         for path in value if isinstance(value, list) else [value]:
             if not path.exists():
                 raise DataError(f"{path}: {name} file not found (config.evaluate)")
+    return files
+
+
+CROSS_AXIS = "cross_axis:"  # variant-name prefix of the other axis's patch
+
+
+def pair_sets(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Path]:
+    """{result key: CrowS-Pairs-format csv}: the configured CrowS-Pairs file and the
+    generated minimal pairs of each axis in evaluate.minimal_pairs (written to the
+    workdir's minimal_pairs/, held-out templates of data.stereotypes)."""
+    files = {"crows": Path(config.evaluate.crows_file)} if config.evaluate.crows_file else {}
+    for axis in config.evaluate.minimal_pairs:
+        try:
+            rows = stereotypes.minimal_pairs(axis)
+        except ValueError as err:
+            raise ConfigError(f"config.evaluate.minimal_pairs: {err}") from None
+        files[f"pairs_{axis}"] = stereotypes.write_pairs(workdir / "minimal_pairs" / f"{axis}.csv",
+                                                         rows)  # fmt: skip
     return files
 
 
@@ -63,34 +94,58 @@ def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]
         )
         names = [p.name for p in module.patches] + (["sft"] if frozen else [])
         variants["base+" + "+".join(names)] = (module, params)
+    other = workdir / "cross_axis" / "patch"
+    if other.exists():  # the cross_axis phase's patch, alone on the base
+        module, params, _ = checkpoint.load_patches([other], *base)
+        variants[f"{CROSS_AXIS}{config.cross_axis.axis}"] = (module, params)
     return tokenizer, variants
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """Scores every model variant on the configured benchmarks, each number with its
+    bootstrap interval, and each patched variant's CrowS-Pairs change against the base
+    with a paired interval (the same pairs resampled for both)."""
     ec = config.evaluate
     files = benchmark_files(config)
-    results: dict[str, Any] = {"intrinsic": {}}
-    if files:
+    settings = bootstrap_settings(config)
+    results: dict[str, Any] = {"intrinsic": {}, "bootstrap": settings.record()}
+    pairs = pair_sets(config, workdir)
+    if files or pairs:
         tokenizer, variants = mlm_models(config, workdir)
+        outcomes: dict[str, dict[str, list[dict[str, Any]]]] = {key: {} for key in pairs}
         for name, (module, params) in variants.items():
             scores: dict[str, Any] = {}
-            if "crows" in files:
-                pairs = intrinsic.load_crows(files["crows"], ec.crows_bias_type or None)
-                crows = intrinsic.crows_pairs(module, params, tokenizer, pairs, ec.batch_size)
-                scores["crows"] = {"score": crows.score, "evaluated": crows.evaluated,
-                                   "neutral": crows.neutral, "skipped": crows.skipped}  # fmt: skip
-                with (workdir / f"crows_pairs_{name}.jsonl").open("w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in crows.pairs)
+            for key, path in pairs.items():
+                bias_type = (ec.crows_bias_type or None) if key == "crows" else None
+                outcomes[key][name] = score_pairs(
+                    key, (module, params), tokenizer, intrinsic.load_crows(path, bias_type),
+                    config, scores,
+                )  # fmt: skip
+                if name != "base" and "base" in outcomes[key]:
+                    scores[key]["change"] = crows_change(
+                        outcomes[key]["base"], outcomes[key][name], settings
+                    )
+                prefix = "crows_pairs" if key == "crows" else key
+                with (workdir / f"{prefix}_{name.replace(':', '_')}.jsonl").open("w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in outcomes[key][name])
             if "stereoset" in files:
                 items = intrinsic.load_stereoset(files["stereoset"])
-                scores["stereoset"], _ = intrinsic.stereoset(
+                by_domain, item_scores = intrinsic.stereoset(
                     module, params, tokenizer, items, ec.batch_size
                 )
+                for domain, record in by_domain.items():
+                    for key in ("ss", "lms"):
+                        statistic = intrinsic.stereoset_statistic(items, item_scores, domain, key)
+                        record[f"{key}_interval"] = bootstrap.interval(
+                            statistic, len(items), settings
+                        )
+                scores["stereoset"] = by_domain
             if "seat" in files:
                 base = module.clone(head="none")
                 scores["seat"] = intrinsic.seat(
-                    base, params, tokenizer, files["seat"], ec.seat_samples
+                    base, params, tokenizer, files["seat"], ec.seat_samples, settings
                 )
+                scores["seat_mean_abs"] = intrinsic.mean_abs_effect(scores["seat"], settings.level)
             results["intrinsic"][name] = scores
             log.info("intrinsic %s: %s", name, scores)
     downstream = workdir / "downstream_results.json"
@@ -103,32 +158,61 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
     return results
 
 
+def score_pairs(
+    key: str, model, tokenizer, pairs, config: ml_collections.ConfigDict, scores: dict
+) -> list[dict[str, Any]]:
+    """CrowS-Pairs scoring of one pair set into scores[key] (score, counts, interval);
+    returns the per-pair outcomes."""
+    result = intrinsic.crows_pairs(*model, tokenizer, pairs, config.evaluate.batch_size)
+    statistic = intrinsic.crows_statistic(result.pairs)
+    scores[key] = {"score": result.score, "evaluated": result.evaluated,
+                   "neutral": result.neutral, "skipped": result.skipped,
+                   "interval": bootstrap.interval(statistic, result.evaluated,
+                                                  bootstrap_settings(config))}  # fmt: skip
+    return result.pairs
+
+
+def crows_change(
+    base: list[dict[str, Any]], patched: list[dict[str, Any]], settings: bootstrap.Settings
+) -> dict[str, Any]:
+    """The patched model's CrowS-Pairs score minus the base's on the same pairs, with its
+    paired bootstrap interval."""
+    if [p["index"] for p in base] != [p["index"] for p in patched]:
+        raise ValueError("CrowS-Pairs change: the two models scored different pairs")
+    change = bootstrap.difference(
+        intrinsic.crows_statistic(patched), intrinsic.crows_statistic(base)
+    )
+    return {
+        "difference": bootstrap.point(change, len(base)),
+        "interval": bootstrap.interval(change, len(base), settings),
+    }
+
+
 def markdown_table(results: dict[str, Any], domain: str) -> str:
-    """One row per model: SS LM, SS score, CrowS (Table 1), then the downstream metrics."""
-    lines = [
-        "| model | StereoSet LMS | StereoSet SS | CrowS | SEAT mean abs d |",
-        "|---|---|---|---|---|",
-    ]
+    """One row per model: SS LM, SS score, CrowS (Table 1) and each generated minimal-pair
+    set, then the downstream metrics, each with its bootstrap interval."""
+    pair_keys = sorted({k for scores in results["intrinsic"].values() for k in scores
+                        if k.startswith("pairs_")})  # fmt: skip
+    rows = []
     for name, scores in results["intrinsic"].items():
-        stereo = scores.get("stereoset", {}).get(domain) or scores.get("stereoset", {}).get(
-            "overall"
-        )
-        seat = scores.get("seat")
-        cells = [
-            f"{stereo['lms']:.2f}" if stereo else "-",
-            f"{stereo['ss']:.2f}" if stereo else "-",
-            f"{scores['crows']['score']:.2f}" if "crows" in scores else "-",
-            f"{sum(abs(t['effect_size']) for t in seat) / len(seat):.3f}" if seat else "-",
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        stereo = scores.get("stereoset", {})
+        stereo = stereo.get(domain) or stereo.get("overall") or {}
+        rows.append([
+            name,
+            cell(interval_of(stereo, "lms", "lms_interval")),
+            cell(interval_of(stereo, "ss", "ss_interval")),
+            cell(interval_of(scores.get("crows", {}), "score", "interval")),
+            cell(seat_number(scores)),
+            *(cell(interval_of(scores.get(k, {}), "score", "interval")) for k in pair_keys),
+        ])  # fmt: skip
+    header = ["model", "StereoSet LMS", "StereoSet SS", "CrowS", "SEAT mean abs d",
+              *(f"{k.removeprefix('pairs_')} pairs" for k in pair_keys)]  # fmt: skip
+    parts = [markdown(header, rows)]
     extrinsic = results.get("extrinsic")
     if extrinsic:
         keys = ("accuracy", "macro_f1", "tpr_gap", "fprd_reference", "fprd_dixon", "fn")
-        lines += ["", "| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for split, scores in extrinsic.items():
-            if isinstance(scores, dict) and "accuracy" in scores:
-                cells = [
-                    f"{scores[k]:.3f}" if isinstance(scores.get(k), float) else "-" for k in keys
-                ]
-                lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows = [[split, *(cell(number(scores, k)) for k in keys)]
+                for split, scores in extrinsic.items()
+                if isinstance(scores, dict) and "accuracy" in scores]  # fmt: skip
+        parts.append(markdown(["split", *keys], rows))
+    return "\n\n".join([*parts, INTERVAL_NOTE])

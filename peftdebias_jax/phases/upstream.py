@@ -15,11 +15,17 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, masks, models, trainable_sets
-from peftdebias_jax.data import cda, pipeline, records, sampling, synthetic
+from peftdebias_jax.data import cda, pipeline, records, sampling, stereotypes, synthetic
 from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.peft import sft
-from peftdebias_jax.phases.common import build_model, count_params, patch_spec, tokenizer_for
+from peftdebias_jax.phases.common import (
+    build_model,
+    count_params,
+    patch_spec,
+    sub_run,
+    tokenizer_for,
+)
 from peftdebias_jax.training import parallel, steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState
@@ -38,11 +44,13 @@ def word_lists(config: ml_collections.ConfigDict) -> dict:
 def upstream_texts(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], dict]:
     """(train, validation) texts and what the split caps kept; without a validation file a
     seeded fraction is held out. train_file "synthetic" renders a small templated corpus
-    (smoke runs, demos)."""
+    (smoke runs, demos); "stereotyped" the pretrain phase's biased kind of text."""
     up = config.upstream
     caps = sampling.check_caps(up.max_examples, "config.upstream.max_examples")
     if up.train_file == "synthetic":
         train = synthetic.corpus(config.axis, up.synthetic_size, config.seed)
+    elif up.train_file == "stereotyped":  # the pretrain phase's kind of text, fresh sentences
+        train = stereotypes.corpus(up.synthetic_size, config.pretrain.rate, config.seed + 1)
     else:
         train = records.texts(up.train_file, up.text_column or None)
     if up.validation_file:
@@ -138,6 +146,70 @@ def train_mlm(
     )
 
 
+HEAD_WARMUP_MODES = ("auto", "always", "never")
+
+
+def needs_head_warmup(config: ml_collections.ConfigDict) -> bool:
+    """upstream.head_warmup: "auto" warms the MLM head up when the pretrained base ships
+    none (sentence encoders such as all-MiniLM-L6-v2), "always", or "never"."""
+    up = config.upstream
+    if up.head_warmup not in HEAD_WARMUP_MODES:
+        raise ConfigError(
+            f"config.upstream.head_warmup={up.head_warmup!r}: expected one of {HEAD_WARMUP_MODES}"
+        )
+    if up.head_warmup == "never" or up.head_warmup_steps <= 0:
+        return False
+    if up.head_warmup == "always":
+        return True
+    return config.model.init == "pretrained" and not models.has_mlm_head(config.model.name)
+
+
+def warm_up_head(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    model: tuple[models.EncoderModel, dict],
+    tokenizer,
+    texts: tuple[list[str], list[str]],
+) -> dict:
+    """`model`'s params with an MLM head trained alone first: plain masked LM on the
+    un-augmented corpus, no patch active, everything else frozen, for
+    upstream.head_warmup_steps at upstream.head_warmup_learning_rate. A base without a
+    head would otherwise spend the patch's steps on language modelling instead of the
+    counterfactual objective. Resumable (checkpoints/upstream_head); the head is kept in
+    head_warmup/."""
+    up = config.upstream
+    module, params = model
+    head_dir, done = workdir / "head_warmup", workdir / "upstream_head.done.json"
+    rules = [*masks.mlm_head_rules(module.config.model_type), (".*", masks.FREEZE)]
+    if not done.exists():
+        plain = module.clone(patches=())
+        own = models.patch_paths(module)
+        flat = traverse_util.flatten_dict(params)
+        plain_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in own})
+        label_tree = masks.labels(plain_params, rules)
+        print(masks.summary(plain_params, label_tree))
+        warm = config.copy_and_resolve_references()
+        warm.upstream.update(num_steps=up.head_warmup_steps, l1=0.0,
+                             learning_rate=up.head_warmup_learning_rate)  # fmt: skip
+        sequences = tuple(
+            pipeline.encode(tokenizer, pipeline.normalize(tokenizer, t, up.max_len), up.max_len)
+            for t in texts
+        )
+
+        def keep(state: TrainState, step: int, results: dict) -> None:
+            checkpoint.save_tree(head_dir, masks.split(state.params, label_tree)[0])
+
+        final, selection = train_mlm(warm, workdir, (plain, plain_params), label_tree, tokenizer,
+                                     sequences, "upstream_head", on_best=keep)  # fmt: skip
+        if not head_dir.exists():
+            keep(final, int(final.step), {})
+        record = {"steps": int(final.step), "best": selection.to_record()}
+        done.write_text(json.dumps(record, indent=2) + "\n")
+        log.info("MLM head warm-up done: best eval loss %s", selection.best)
+    rest = masks.split(params, masks.labels(params, rules))[1]
+    return masks.merge(checkpoint.load_tree(head_dir), rest)
+
+
 def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Learns a debias patch with CDA + masked-LM; writes `patch/` (best eval loss) and
     `patch_final/` (last step) to the workdir and returns the best patch's directory.
@@ -173,6 +245,9 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         cda_sequences(config, tokenizer, eval_texts, augmenter),
     )
     module, params = build_model(config, head="mlm", patches=spec, tokenizer=tokenizer)
+    if needs_head_warmup(config):
+        params = warm_up_head(config, workdir, (module, params), tokenizer,
+                              (train_texts, eval_texts))  # fmt: skip
     if up.dense or sparse:
         module, params = models.untie_decoder(module, params)
         label_tree = masks.labels(params, masks.DENSE_CDA_RULES)
@@ -279,3 +354,16 @@ def sparse_upstream(
         export(workdir / "patch", final, int(final.step), {})
     return {"steps": int(final.step), "best": selection.to_record(), "k": k,
             "product": str(workdir / "patch")}  # fmt: skip
+
+
+def cross_axis(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The same upstream for the other axis (`config.cross_axis`: its axis and CDA word-list
+    key) in `cross_axis/`, so the evaluate phase can show that a patch acts on its own
+    axis: base + this run's patch and base + the other axis's patch, each scored on both
+    axes' minimal pairs."""
+    other, sub = sub_run(config, workdir, "cross_axis")
+    other.axis = config.cross_axis.axis
+    other.upstream.word_list_key = config.cross_axis.word_list_key
+    other.phases = ("upstream",)
+    (sub / "config.json").write_text(json.dumps(other.to_dict(), indent=2, default=str) + "\n")
+    return upstream(other, sub)
