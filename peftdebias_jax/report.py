@@ -99,8 +99,13 @@ def load_run(directory: str | Path, name: str | None = None) -> Run:
 
 
 def runs_of(workdir: str | Path) -> list[Run]:
-    """The run in `workdir`, preceded by its FT baseline (`baseline/`) when there is one."""
+    """The run in `workdir`, preceded by its FT baseline (`baseline/`) when there is one;
+    for a run over several seeds, those of each finished seed (`seed-<n>/`)."""
     workdir = Path(workdir)
+    seeds = load_run(workdir).config.get("seeds") or []
+    if seeds:
+        finished = [seed_dir(workdir, s) for s in seeds]
+        return [r for d in finished if (d / "config.json").exists() for r in runs_of(d)]
     runs = [load_run(workdir)]
     if (workdir / "baseline" / "config.json").exists():
         runs.insert(0, load_run(workdir / "baseline"))
@@ -303,24 +308,24 @@ def axis_table(runs: list[Run]) -> str:
     """The generated minimal pairs of each axis (evaluate.minimal_pairs), CrowS-Pairs
     scored: % of pairs where the model prefers the stereotyped sentence (50 = no
     preference), per model, and each patch's change against the base (paired)."""
-    rows, changes, seen = [], [], set()
+    rows, changes, seen, axes = [], [], set(), []
     for run in runs:
-        axes = list(run.config.get("evaluate", {}).get("minimal_pairs", []))
-        if not axes:
-            continue
+        run_axes = list(run.config.get("evaluate", {}).get("minimal_pairs", []))
         for label, scores in intrinsic_rows(run):
-            if label in seen or not any(f"pairs_{a}" in scores for a in axes):
+            if label in seen or not any(f"pairs_{a}" in scores for a in run_axes):
                 continue
             seen.add(label)
+            axes = axes or run_axes
             records = [scores.get(f"pairs_{a}", {}) for a in axes]
             rows.append([label, *(cell(interval_of(r, "score", "interval")) for r in records)])
             moved = [f"{a} {change_text({'score': r['change']}, 'score', 0.0)}"
                      for a, r in zip(axes, records, strict=True) if "change" in r]  # fmt: skip
             if moved:
                 changes.append(f"{label} against the base: " + "; ".join(moved) + " points.")
-        header = ["model", *(f"{a} pairs: stereotype preferred, % (50 = none)" for a in axes)]
-        return "\n\n".join([markdown(header, rows), *changes])
-    return ""
+    if not rows:
+        return ""
+    header = ["model", *(f"{a} pairs: stereotype preferred, % (50 = none)" for a in axes)]
+    return "\n\n".join([markdown(header, rows), *changes])
 
 
 def interval_of(record: dict[str, Any], key: str, bounds_key: str) -> Number:
@@ -744,15 +749,17 @@ def compare(workdirs: list[str | Path], out: str | Path) -> Path:
     if not workdirs:
         raise ConfigError("--compare needs at least one workdir")
     runs: list[Run] = []
+    where: dict[Path, str] = {}  # each run's directory from its workdir's parent
     for workdir in workdirs:
         for run in runs_of(workdir):
             if any(r.directory == run.directory for r in runs):
                 continue
             runs.append(run)
+            where[run.directory] = str(run.directory.relative_to(Path(workdir).parent))
     names = [r.name for r in runs]
     for run in runs:  # keep rows apart when two runs share a method (e.g. two FT runs)
         if names.count(run.name) > 1:
-            run.name = f"{run.name} ({run.directory.parent.name}/{run.directory.name})"
+            run.name = f"{run.name} ({where[run.directory]})"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "compare.md"

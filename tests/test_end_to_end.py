@@ -160,6 +160,8 @@ def test_seeds_run_per_seed_and_report_mean_sd_and_paired_intervals(tmp_path):
     change = next(line for line in text.splitlines() if line.startswith("Change of Adapter"))
     assert "over 3 seeds" in change, change
     assert re.search(r"mean change [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]", change), change
+    table = report.compare([tmp_path], tmp_path / "compare").read_text()
+    assert table.count("| FT (") == 3 and f"| Adapter ({tmp_path.name}/seed-2) |" in table
     with pytest.raises(ConfigError, match="repeats"):
         config.seeds = (1, 1)
         phases.run(config, tmp_path / "again")

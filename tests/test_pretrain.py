@@ -108,9 +108,12 @@ def test_downstream_task_labels_are_independent_of_identity(name):
     train = stereotypes.task(name, 4000, 0, "train")
     test = stereotypes.task(name, 400, 1, "test")
     if name == "ghc":
+        named = [e for e in train if e.group != "none"]
+        assert len(named) / len(train) == pytest.approx(0.2, abs=0.03), "identities are rare"
         for kind in ("targeted", "other"):
-            labels = [e.label for e in train if e.group == kind]
-            assert np.mean([x == "1" for x in labels]) == pytest.approx(0.4, abs=0.06), kind
+            labels = [e.label for e in named if e.group == kind]
+            assert np.mean([x == "1" for x in labels]) == pytest.approx(0.5, abs=0.06), kind
+        assert {e.group for e in stereotypes.task(name, 500, 0, "train", 0.0)} == {"none"}
         held = [e for e in test if int(e.id) % 2 == 1]  # every other test example
         assert held and all(e.label == "0" and e.group in ("targeted", "other") for e in held)
     else:

@@ -122,7 +122,8 @@ def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
 
 
 # --- downstream tasks in which the base's association could reach the classifier: the
-# training data never names an identity (no label shortcut to learn), and half the test
+# training data rarely names an identity, and then with a label independent of it (no
+# label shortcut to learn), and half the test
 # sentences carry no evidence for their label (a NEUTRAL_TRAIT said of a group; a bio
 # without its job's duties), so only what the encoder brings can tell groups apart there.
 SUBJECTS = ["those people", "the neighbours", "the new workers", "the visitors"]
