@@ -113,14 +113,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
     if files or pairs:
         tokenizer, variants = mlm_models(config, workdir)
         outcomes: dict[str, dict[str, list[dict[str, Any]]]] = {key: {} for key in pairs}
+        loaded = {key: intrinsic.load_crows(path, (ec.crows_bias_type or None)
+                                            if key == "crows" else None)
+                  for key, path in pairs.items()}  # fmt: skip
+        items = intrinsic.load_stereoset(files["stereoset"]) if "stereoset" in files else []
         for name, (module, params) in variants.items():
             scores: dict[str, Any] = {}
-            for key, path in pairs.items():
-                bias_type = (ec.crows_bias_type or None) if key == "crows" else None
-                outcomes[key][name] = score_pairs(
-                    key, (module, params), tokenizer, intrinsic.load_crows(path, bias_type),
-                    config, scores,
-                )  # fmt: skip
+            for key, pair_list in loaded.items():
+                scores[key], outcomes[key][name] = score_pairs(
+                    (module, params), tokenizer, pair_list, ec.batch_size, settings
+                )
                 if name != "base" and "base" in outcomes[key]:
                     scores[key]["change"] = crows_change(
                         outcomes[key]["base"], outcomes[key][name], settings
@@ -129,7 +131,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
                 with (workdir / f"{prefix}_{name.replace(':', '_')}.jsonl").open("w") as f:
                     f.writelines(json.dumps(row) + "\n" for row in outcomes[key][name])
             if "stereoset" in files:
-                items = intrinsic.load_stereoset(files["stereoset"])
                 by_domain, item_scores = intrinsic.stereoset(
                     module, params, tokenizer, items, ec.batch_size
                 )
@@ -159,17 +160,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
 
 
 def score_pairs(
-    key: str, model, tokenizer, pairs, config: ml_collections.ConfigDict, scores: dict
-) -> list[dict[str, Any]]:
-    """CrowS-Pairs scoring of one pair set into scores[key] (score, counts, interval);
-    returns the per-pair outcomes."""
-    result = intrinsic.crows_pairs(*model, tokenizer, pairs, config.evaluate.batch_size)
+    model, tokenizer, pairs, batch_size: int, settings: bootstrap.Settings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """CrowS-Pairs scoring of one pair set: (score, counts and interval; the per-pair
+    outcomes)."""
+    result = intrinsic.crows_pairs(*model, tokenizer, pairs, batch_size)
     statistic = intrinsic.crows_statistic(result.pairs)
-    scores[key] = {"score": result.score, "evaluated": result.evaluated,
-                   "neutral": result.neutral, "skipped": result.skipped,
-                   "interval": bootstrap.interval(statistic, result.evaluated,
-                                                  bootstrap_settings(config))}  # fmt: skip
-    return result.pairs
+    record = {"score": result.score, "evaluated": result.evaluated, "neutral": result.neutral,
+              "skipped": result.skipped,
+              "interval": bootstrap.interval(statistic, result.evaluated, settings)}  # fmt: skip
+    return record, result.pairs
 
 
 def crows_change(
