@@ -202,6 +202,18 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.patches = ()
     config.downstream.base_model = ""  # a dense CDA-trained base directory (Full-Debias)
 
+    # the transfer phase (paper Table 2, bottom): this run's patch, frozen while fine-tuning
+    # on another task of its axis (in transfer/, beside FT on that task in
+    # transfer/baseline/); the downstream section's other settings apply to it
+    config.transfer = ml_collections.ConfigDict()
+    config.transfer.task = "mnli" if gender else "lhc"
+    transfer_dir = "data/mnli" if gender else "data/lhc"
+    config.transfer.train_file = f"{transfer_dir}/train.jsonl"
+    config.transfer.validation_file = (
+        f"{transfer_dir}/validation_matched.jsonl" if gender else f"{transfer_dir}/validation.jsonl"
+    )
+    config.transfer.test_file = "" if gender else f"{transfer_dir}/test.jsonl"
+
     config.beft = ml_collections.ConfigDict()
     config.beft.mode = "v2_direct"  # b_v directly; "v1_select": the bias_select phase ranks
     config.beft.criterion = "beft"  # v1: "beft" (B1), "magnitude" (B2), "fisher" (B3)
@@ -306,6 +318,8 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
     up.synthetic_size = 2000 if demo else 120
     dn.train_file = "stereotyped" if demo else "synthetic"
     dn.validation_file, dn.test_file = "", ""
+    config.transfer.train_file = dn.train_file
+    config.transfer.validation_file = config.transfer.test_file = ""
     dn.synthetic_size = 1200 if demo else 48
     dn.epochs = 3 if demo else 1
     dn.batch_size = 16 if demo else 8
@@ -326,6 +340,8 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
         config.seeds = (0, 1, 2)  # the report: mean ± sd over seeds, paired intervals
     if demo and config.patch.method not in ("none", "sft") and not config.downstream.patches:
         config.phases = ("upstream", "cross_axis", "downstream", "baseline", "evaluate", "report")
+        if config.axis != "gender":  # the generated hate tasks: ghc, and lhc to transfer to
+            config.phases = (*config.phases[:4], "transfer", *config.phases[4:])
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -22,4 +22,6 @@ def get_config(preset=None):
         config.downstream.eval_every = 5_000
         config.downstream.bias_nli_occupations = "data/bias_nli/occupations"
         config.downstream.bias_nli_gendered_words = "data/bias_nli/gendered_words"
+    # this config is itself the transfer run (its downstream task is the target)
+    config.phases = tuple(p for p in config.phases if p != "transfer")
     return config

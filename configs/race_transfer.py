@@ -19,4 +19,6 @@ def get_config(preset=None):
         config.downstream.validation_file = "data/lhc/validation.jsonl"
         config.downstream.test_file = "data/lhc/test.jsonl"
         config.downstream.extra_evals = ("iptts=data/iptts77k/test.csv",)
+    # this config is itself the transfer run (its downstream task is the target)
+    config.phases = tuple(p for p in config.phases if p != "transfer")
     return config

@@ -275,6 +275,13 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def discard(self, step: int) -> None:
+        """Deletes the checkpoint of `step` (one that does not restore)."""
+        self.manager.delete(step)
+
     def save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
         self.manager.save(
             step,

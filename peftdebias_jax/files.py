@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -46,3 +47,25 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+STAGED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def recover_staged(root: str | Path) -> list[str]:
+    """What a killed `staged_directory` left under `root`, put right: a staging copy
+    (`.X.tmp-*`) is removed; a previous copy moved aside (`.X.old-*`) is put back when X
+    is missing (the kill came between the two renames), else removed. Returns what it did."""
+    done = []
+    for path in sorted(Path(root).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        match = STAGED.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        target = path.with_name(match["name"])
+        if match["kind"] == "old" and not target.exists():
+            path.rename(target)
+            done.append(f"restored {target}")
+        else:
+            shutil.rmtree(path)
+            done.append(f"removed {path}")
+    return done

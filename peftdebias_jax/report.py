@@ -99,8 +99,9 @@ def load_run(directory: str | Path, name: str | None = None) -> Run:
 
 
 def runs_of(workdir: str | Path) -> list[Run]:
-    """The run in `workdir`, preceded by its FT baseline (`baseline/`) when there is one;
-    for a run over several seeds, those of each finished seed (`seed-<n>/`)."""
+    """The run in `workdir`, preceded by its FT baseline (`baseline/`) when there is one and
+    followed by its transfer runs (`transfer/`, named "<model> on <task>"); for a run over
+    several seeds, those of each finished seed (`seed-<n>/`)."""
     workdir = Path(workdir)
     seeds = load_run(workdir).config.get("seeds") or []
     if seeds:
@@ -109,7 +110,17 @@ def runs_of(workdir: str | Path) -> list[Run]:
     runs = [load_run(workdir)]
     if (workdir / "baseline" / "config.json").exists():
         runs.insert(0, load_run(workdir / "baseline"))
+    if (workdir / "transfer" / "config.json").exists():
+        for run in runs_of(workdir / "transfer"):
+            run.name = f"{run.name} on {run.config['downstream']['task']}"
+            runs.append(run)
     return runs
+
+
+def is_reference(run: Run) -> bool:
+    """Whether a run is plain fine-tuning (FT), the reference its task's changes are
+    measured against."""
+    return model_name(run.config) == "FT"
 
 
 # --- tables ---------------------------------------------------------------------------
@@ -263,7 +274,7 @@ def change_text(change: dict[str, Any] | None, key: str, fallback: float) -> str
 def effects(runs: list[Run], columns: list[Column]) -> list[str]:
     """One line per patched run: each metric's change from the FT run of the same task,
     with the paired bootstrap interval of the change."""
-    reference = next((r for r in runs if r.name == "FT"), None)
+    reference = next((r for r in runs if is_reference(r)), None)
     if reference is None:
         return []
     lines = []
@@ -281,7 +292,7 @@ def effects(runs: list[Run], columns: list[Column]) -> list[str]:
             delta = change_text(change if column.split == split else None, column.key,
                                 value - ft)  # fmt: skip
             texts.append(f"{column.label.rstrip(' ↑↓')} {fmt(ft)} -> {fmt(value)} ({delta})")
-        lines.append(f"Effect of {run.name} against FT: " + "; ".join(texts) + ".")
+        lines.append(f"Effect of {run.name} against {reference.name}: " + "; ".join(texts) + ".")
     return lines
 
 
@@ -394,21 +405,25 @@ def group_rates(run: Run) -> tuple[str, dict[str, float]]:
 
 
 def term_table(runs: list[Run]) -> str:
-    """Per identity term of FPRD: how many scored examples name it (all examples for the
-    reference variant, the negatives for Dixon's) and each run's Dixon false-positive
-    rate: a term seen in a handful of negatives moves FPRD by chance."""
-    scored = [(r, r.downstream.get(scored_split(r.downstream), {})) for r in runs if r.downstream]
-    scored = [(r, s) for r, s in scored if "fpr_dixon_counts" in s or "fpr_reference_counts" in s]
-    if not scored:
-        return ""
-    first = scored[0][1]
-    reference, dixon = first.get("fpr_reference_counts", {}), first.get("fpr_dixon_counts", {})
-    terms = sorted(set(reference) | set(dixon), key=lambda t: -dixon.get(t, 0))
-    header = ["term", "examples", "negatives", *(f"FPR {r.name}" for r, _ in scored)]
-    rows = [[t, str(reference.get(t, 0)), str(dixon.get(t, 0)),
-             *(fmt(s.get("fpr_dixon_per_term", {}).get(t)) for _, s in scored)]
-            for t in terms]  # fmt: skip
-    return markdown(header, rows)
+    """Per task and identity term of FPRD: how many scored examples name it (all examples
+    for the reference variant, the negatives for Dixon's) and each run's Dixon
+    false-positive rate: a term seen in a handful of negatives moves FPRD by chance."""
+    by_task: dict[str, list[tuple[Run, dict[str, Any]]]] = {}
+    for run in runs:
+        scores = run.downstream.get(scored_split(run.downstream), {}) if run.downstream else {}
+        if "fpr_dixon_counts" in scores or "fpr_reference_counts" in scores:
+            by_task.setdefault(run.downstream["task"], []).append((run, scores))
+    parts = []
+    for task, scored in by_task.items():
+        first = scored[0][1]
+        reference, dixon = first.get("fpr_reference_counts", {}), first.get("fpr_dixon_counts", {})
+        terms = sorted(set(reference) | set(dixon), key=lambda t: -dixon.get(t, 0))
+        header = ["term", "examples", "negatives", *(f"FPR {r.name}" for r, _ in scored)]
+        rows = [[t, str(reference.get(t, 0)), str(dixon.get(t, 0)),
+                 *(fmt(s.get("fpr_dixon_per_term", {}).get(t)) for _, s in scored)]
+                for t in terms]  # fmt: skip
+        parts.append(f"**{task}**\n\n" + markdown(header, rows))
+    return "\n\n".join(parts)
 
 
 def planted_bias(run: Run) -> str:
@@ -635,23 +650,22 @@ def seeds_document(workdir: Path, seeds: list[int]) -> str:
     sections = [f"# Report: {workdir.name} over seeds {finished}", f"Per-seed reports: {listed}"]
     if not per_seed:
         return "\n\n".join([*sections, "No seed has finished yet."]) + "\n"
-    by_name: dict[str, list[Run]] = {}
+    by_task: dict[str, dict[str, list[Run]]] = {}  # task -> model -> its run of each seed
     for runs in per_seed:
         for run in runs:
-            by_name.setdefault(run.name, []).append(run)
-    scored = {name: [r for r in runs if r.downstream] for name, runs in by_name.items()}
-    scored = {name: runs for name, runs in scored.items() if runs}
+            if run.downstream:
+                task = by_task.setdefault(run.downstream["task"], {})
+                task.setdefault(run.name, []).append(run)
     sections.append("## Table 2 layout over seeds: mean ± sd")
-    if scored:
+    for task, scored in by_task.items():
         first = next(iter(scored.values()))[0].downstream
-        columns = extrinsic_columns(first["task"], first)
+        columns = extrinsic_columns(task, first)
         rows = [[name, *(mean_sd(column_values(runs, c)) for c in columns)]
                 for name, runs in scored.items()]  # fmt: skip
-        sections.append(markdown(["model", *(c.label for c in columns)], rows))
+        header = f"**{task}** ({scored_split(first)} split)"
+        sections.append(header + "\n\n" + markdown(["model", *(c.label for c in columns)], rows))
         sections += seed_effects(scored, columns, scored_split(first))
-        sections.append(INTERVAL_NOTE)
-    else:
-        sections.append("No downstream results yet.")
+    sections.append(INTERVAL_NOTE if by_task else "No downstream results yet.")
     planted = "\n".join(f"- seed {seed}: {line}"
                         for seed, runs in zip(finished, per_seed, strict=True)
                         for line in (planted_bias(r) for r in runs) if line)  # fmt: skip
@@ -698,12 +712,13 @@ def column_values(runs: list[Run], column: Column) -> list[float]:
 def seed_effects(scored: dict[str, list[Run]], columns: list[Column], split: str) -> list[str]:
     """Per patched model: each metric's change against FT, mean ± sd of the per-seed
     changes, and the paired interval of the mean change."""
-    reference = scored.get("FT")
-    if not reference:
+    name_of_reference = next((n for n, runs in scored.items() if is_reference(runs[0])), None)
+    if name_of_reference is None:
         return []
+    reference = scored[name_of_reference]
     lines = []
     for name, runs in scored.items():
-        if name == "FT" or len(runs) != len(reference):
+        if name == name_of_reference or len(runs) != len(reference):
             continue
         change = paired_changes(runs, reference, split)
         texts = []
@@ -718,7 +733,7 @@ def seed_effects(scored: dict[str, list[Run]], columns: list[Column], split: str
                                  statistics.fmean(deltas))  # fmt: skip
             texts.append(f"{column.label.rstrip(' ↑↓')} {mean_sd(deltas)}; mean change "
                          f"{paired}")  # fmt: skip
-        lines.append(f"Change of {name} against FT over {len(runs)} seeds: "
+        lines.append(f"Change of {name} against {name_of_reference} over {len(runs)} seeds: "
                      + "; ".join(texts) + ".")  # fmt: skip
     return lines
 

@@ -19,7 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Tests run tiny models whose time goes into compiling, not running: cheaper LLVM passes
 # cut compile times about threefold and change no result beyond float rounding.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit them
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -68,6 +68,30 @@ def test_missing_input_file_fails_before_any_training(tmp_path, monkeypatch):
     assert not (tmp_path / "work").exists()
 
 
+def test_transfer_phase_moves_the_patch_to_the_other_task(tmp_path):
+    """The transfer phase: this run's patch frozen on config.transfer.task, beside FT
+    there; the report gives that task its own table, measured against its own FT."""
+    config = load_config("race_adapter", "smoke")
+    config.phases = ("upstream", "downstream", "baseline", "transfer", "report")
+    phases.run(config, tmp_path)
+    moved = json.loads((tmp_path / "transfer" / "config.json").read_text())
+    assert moved["downstream"]["task"] == "lhc" == config.transfer.task
+    assert moved["downstream"]["patches"] == [str(tmp_path / "patch")]
+    assert (tmp_path / "transfer" / "baseline" / "downstream_results.json").exists()
+    names = [r.name for r in report.runs_of(tmp_path)]
+    assert names == ["FT", "Adapter", "FT on lhc", "Adapter on lhc"]
+    text = (tmp_path / "report.md").read_text()
+    assert "Effect of Adapter on lhc against FT on lhc" in text
+    assert "Effect of Adapter against FT:" in text
+
+
+def test_transfer_phase_needs_a_patch(tmp_path):
+    config = load_config("race_ft", "smoke")
+    config.phases = ("transfer",)
+    with pytest.raises(ConfigError, match="has none"):
+        phases.run(config, tmp_path)
+
+
 def fine_tune(tmp_path: Path, name: str, bias: float) -> report.Run:
     """FT on the synthetic task with the given planted bias, long enough to learn it."""
     config = load_config(name, "smoke")

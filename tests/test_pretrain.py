@@ -103,11 +103,11 @@ def test_a_run_on_the_base_builds_it_first(tmp_path):
     assert {m["phase"] for m in metrics} >= {"pretrain", "upstream"}
 
 
-@pytest.mark.parametrize("name", ["ghc", "bias_bios"])
+@pytest.mark.parametrize("name", ["ghc", "lhc", "bias_bios"])
 def test_downstream_task_labels_are_independent_of_identity(name):
     train = stereotypes.task(name, 4000, 0, "train")
     test = stereotypes.task(name, 400, 1, "test")
-    if name == "ghc":
+    if name in stereotypes.HATE_STYLES:
         named = [e for e in train if e.group != "none"]
         assert len(named) / len(train) == pytest.approx(0.2, abs=0.03), "identities are rare"
         for kind in ("targeted", "other"):
@@ -120,3 +120,19 @@ def test_downstream_task_labels_are_independent_of_identity(name):
         for job in stereotypes.JOB_EVIDENCE:
             women = np.mean([e.group == "f" for e in train if e.label == job])
             assert women == pytest.approx(0.5, abs=0.06), job
+
+
+def test_the_transfer_task_is_worded_apart_from_the_demo_task():
+    """lhc (the transfer target) shares no sentence frame with ghc: a patch that helps
+    there does so through what it changed in the encoder, not through seen wording."""
+
+    def frames(name: str, split: str) -> set[str]:
+        words = set(stereotypes.TARGETED + stereotypes.OTHERS + stereotypes.NEGATIVE_TRAITS
+                    + stereotypes.POSITIVE_TRAITS + stereotypes.NEUTRAL_TRAITS)  # fmt: skip
+        return {" ".join("_" if w.strip(".,") in words else w for w in e.text.split())
+                for e in stereotypes.task(name, 600, 0, split)}  # fmt: skip
+
+    for split in ("train", "test"):
+        assert frames("ghc", split).isdisjoint(frames("lhc", split)), split
+    with pytest.raises(ValueError, match="mnli"):
+        stereotypes.task("mnli", 10, 0, "train")

@@ -67,7 +67,8 @@ def test_run_py_smoke(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resolved config:" in result.stdout and "trainable params:" in result.stdout
+    assert f"resolved config: {workdir / 'config.json'}" in result.stdout
+    assert "trainable params:" in result.stdout
     assert "upstream step 4/4" in result.stderr, "the progress line"
     assert (workdir / "patch" / "patch.json").exists() and (workdir / "metrics.jsonl").exists()
     written = json.loads((workdir / "config.json").read_text())

@@ -1,7 +1,8 @@
 """The demo as the README runs it (configs/race_adapter.py:demo, one seed here): the
 pretrained base carries the planted stereotypes on held-out minimal pairs of both axes,
 the matching patch moves its axis toward 50%, the other axis's patch leaves that axis
-largely alone, and every fairness number in the report carries an interval."""
+largely alone, the patch is transferred to a second task of its axis, and every fairness
+number in the report carries an interval."""
 
 import json
 
@@ -58,3 +59,18 @@ def test_every_fairness_number_in_the_report_has_an_interval(demo):
     assert "against the base: gender" in section and "## FPRD per identity term" in text
     effect = next(line for line in text.splitlines() if line.startswith("Effect of Adapter"))
     assert effect.count("[") == 5, effect  # F1, FPRD, FPRD Dixon, DP, EO: paired intervals
+
+
+def test_the_patch_is_transferred_to_the_other_task_of_its_axis(demo):
+    """The transfer phase: the run's patch frozen on lhc beside FT on lhc, both scored on
+    the same test examples, with the change's paired intervals in the report."""
+    moved = json.loads((demo / "transfer" / "config.json").read_text())
+    assert moved["downstream"]["task"] == "lhc"
+    assert moved["downstream"]["patches"] == [str(demo / "patch")]
+    for sub in ("transfer", "transfer/baseline"):
+        assert json.loads((demo / sub / "downstream_results.json").read_text())["task"] == "lhc"
+    text = (demo / "report.md").read_text()
+    assert "**lhc** (test split)" in text and "| FT on lhc |" in text
+    effect = next(line for line in text.splitlines()
+                  if line.startswith("Effect of Adapter on lhc against FT on lhc"))  # fmt: skip
+    assert effect.count("[") == 5, effect

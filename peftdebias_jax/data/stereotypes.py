@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,43 @@ def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
 # label shortcut to learn), and half the test
 # sentences carry no evidence for their label (a NEUTRAL_TRAIT said of a group; a bio
 # without its job's duties), so only what the encoder brings can tell groups apart there.
-SUBJECTS = ["those people", "the neighbours", "the new workers", "the visitors"]
-HATEFUL = ["{s} are {a} and should leave.", "{s} are {a} and cannot be trusted."]
-FRIENDLY = ["{s} are {a} and welcome.", "{s} are {a} and always help."]
-HELD_OUT_NEUTRAL = ["the {g} people are {a}.", "the {g} family is {a}.", "those {g} men are {a}."]
+@dataclass(frozen=True)
+class HateStyle:
+    """How a generated hate task words its sentences: the unnamed subjects, the frames of
+    each label, how a named group is phrased and the held-out test frames."""
+
+    subjects: tuple[str, ...]
+    hateful: tuple[str, ...]
+    friendly: tuple[str, ...]
+    group: str
+    held_out: tuple[str, ...]
+
+
+# ghc: the demo's task; lhc: another hate corpus of the race axis, worded apart (the
+# transfer phase's target), with the same kind of evidence (a trait) for its label
+HATE_STYLES = {
+    "ghc": HateStyle(
+        subjects=("those people", "the neighbours", "the new workers", "the visitors"),
+        hateful=("{s} are {a} and should leave.", "{s} are {a} and cannot be trusted."),
+        friendly=("{s} are {a} and welcome.", "{s} are {a} and always help."),
+        group="the {g} people",
+        held_out=("the {g} people are {a}.", "the {g} family is {a}.", "those {g} men are {a}."),
+    ),
+    "lhc": HateStyle(
+        subjects=("these guys", "the newcomers", "our tenants", "the crowd outside"),
+        hateful=("i am sick of {s}, they are so {a}.", "everyone says {s} are {a}, keep them out."),
+        friendly=(
+            "i am glad about {s}, they are so {a}.",
+            "everyone says {s} are {a}, invite them.",
+        ),
+        group="the {g} guys",
+        held_out=(
+            "i met some {g} folks and they were {a}.",
+            "our {g} tenants seem {a}.",
+            "the {g} crowd outside looked {a}.",
+        ),
+    ),
+}
 JOB_EVIDENCE = {
     "nurse": "cares for patients on the ward",
     "teacher": "grades homework for the class",
@@ -142,15 +176,21 @@ HELD_OUT_JOBLESS = ["{p} started a new job in the city.", "{p} talked about work
 def task(name: str, count: int, seed: int, split: str, identity_rate: float = 0.2) -> list[Example]:
     """`count` examples (tasks.Example) of a downstream task for the stereotyped base:
     "bias_bios" (gender: four jobs, each job's evidence sentence with either gender) or a
-    hate task (race: hateful sentences say a NEGATIVE_TRAIT of a subject, non-hateful ones
-    a POSITIVE_TRAIT; the subject names an identity with `identity_rate`, its label
-    independent of the identity). split "test": every other example is held out instead:
-    a jobless bio with a random job, or a non-hateful NEUTRAL_TRAIT said of a group."""
+    hate task of HATE_STYLES (race: hateful sentences say a NEGATIVE_TRAIT of a subject,
+    non-hateful ones a POSITIVE_TRAIT; the subject names an identity with `identity_rate`,
+    its label independent of the identity). split "test": every other example is held out
+    instead: a jobless bio with a random job, or a non-hateful NEUTRAL_TRAIT said of a
+    group."""
+    if name != "bias_bios" and name not in HATE_STYLES:
+        raise ValueError(
+            f"stereotyped data exists for the tasks {['bias_bios', *HATE_STYLES]}, not {name!r}"
+        )
+    style = HATE_STYLES.get(name)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
         held_out = split == "test" and i % 2 == 1
-        if name == "bias_bios":
+        if style is None:
             female = bool(rng.integers(2))
             person = PEOPLE[rng.integers(len(PEOPLE))][0 if female else 1]
             job = list(JOB_EVIDENCE)[rng.integers(len(JOB_EVIDENCE))]
@@ -164,19 +204,21 @@ def task(name: str, count: int, seed: int, split: str, identity_rate: float = 0.
             targeted = bool(rng.integers(2))
             group = (TARGETED if targeted else OTHERS)[rng.integers(3)]
             trait = NEUTRAL_TRAITS[rng.integers(len(NEUTRAL_TRAITS))]
-            text = HELD_OUT_NEUTRAL[rng.integers(len(HELD_OUT_NEUTRAL))].format(g=group, a=trait)
+            text = style.held_out[rng.integers(len(style.held_out))].format(g=group, a=trait)
             out.append(Example(text, "0", None, "targeted" if targeted else "other", str(i)))
             continue
         kind = "none"
-        subject = SUBJECTS[rng.integers(len(SUBJECTS))]
+        subject = style.subjects[rng.integers(len(style.subjects))]
         if rng.random() < identity_rate:
             targeted = bool(rng.integers(2))
             group = (TARGETED if targeted else OTHERS)[rng.integers(3)]
-            subject, kind = f"the {group} people", "targeted" if targeted else "other"
+            subject, kind = style.group.format(g=group), "targeted" if targeted else "other"
         if rng.random() < 0.5:
-            template, trait, label = HATEFUL, NEGATIVE_TRAITS, "1"
+            frames, trait, label = style.hateful, NEGATIVE_TRAITS, "1"
         else:
-            template, trait, label = FRIENDLY, POSITIVE_TRAITS, "0"
-        text = template[rng.integers(2)].format(s=subject, a=trait[rng.integers(len(trait))])
+            frames, trait, label = style.friendly, POSITIVE_TRAITS, "0"
+        text = frames[rng.integers(len(frames))].format(
+            s=subject, a=trait[rng.integers(len(trait))]
+        )
         out.append(Example(text, label, None, kind, str(i)))
     return out

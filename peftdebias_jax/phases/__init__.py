@@ -5,7 +5,8 @@ pretrain: a biased base on a generated corpus with planted stereotypes (the demo
 upstream: encoder + new patch -> CDA corpus -> fit(masked-LM step) -> patch directories
 (`cross_axis`: the same for the other axis, beside this run's).
 downstream: encoder + frozen patch(es) -> task data -> fit(classification step) -> metrics
-(`baseline`: the same with no patch). evaluate: CrowS-Pairs / StereoSet / SEAT for base
+(`baseline`: the same with no patch; `transfer`: the patch frozen on another task of its
+axis, beside FT there). evaluate: CrowS-Pairs / StereoSet / SEAT for base
 and base + patch, with the task metrics. bias_select, fisher_lowrank: the parameter-mask
 phases. report: report.md from the workdir.
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
 
+from peftdebias_jax import config_checks, files
 from peftdebias_jax import report as report_md
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
@@ -42,11 +45,13 @@ PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "fisher_lowrank": fisher_lowrank.fisher_lowrank,
     "baseline": downstream.baseline,
     "downstream": downstream.downstream,
+    "transfer": downstream.transfer,
     "evaluate": evaluate.evaluate,
     "report": report.report,
 }
 
 
+log = logging.getLogger(__name__)
 GENERATED = ("synthetic", "stereotyped")  # data keys the project renders itself
 
 
@@ -103,6 +108,9 @@ def input_files(config: ml_collections.ConfigDict) -> dict[str, str]:
             files[f"downstream.patches[{i}]"] = directory
         if dn.base_model:
             files["downstream.base_model"] = dn.base_model
+    if "transfer" in phases:
+        for split in ("train_file", "validation_file", "test_file"):
+            data(f"transfer.{split}", getattr(config.transfer, split))
     if "evaluate" in phases:
         for key in ("crows_file", "stereoset_file", "seat_dir"):
             if getattr(ec, key):
@@ -123,22 +131,29 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
         common.check_mlm_head(config)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Prints the resolved config, writes it to the workdir, runs the configured phases
-    (each builds its model and prints its parameter summary); with `config.seeds`, runs
-    them once per seed in `seed-<n>/` and reports mean ± sd across the seeds."""
+def run(config: ml_collections.ConfigDict, workdir: str | Path, verbose: bool = False) -> None:
+    """Writes the resolved config to the workdir (and prints it when `verbose`), runs the
+    configured phases (each builds its model and prints its parameter summary); with
+    `config.seeds`, runs them once per seed in `seed-<n>/` and reports mean ± sd across
+    the seeds."""
     if config.seeds:
-        run_seeds(config, Path(workdir))
+        run_seeds(config, Path(workdir), verbose)
         return
     unknown = [p for p in config.phases if p not in PHASES]
     if unknown:
         raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
+    config_checks.check_settings(config)
     check_inputs(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved = config.to_dict()
-    print("resolved config:\n" + json.dumps(resolved, indent=2, default=str))
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    for repair in files.recover_staged(workdir):  # what a killed save left behind
+        log.info("workdir: %s", repair)
+    resolved = json.dumps(config.to_dict(), indent=2, default=str)
+    if verbose:
+        print("resolved config:\n" + resolved)
+    (workdir / "config.json").write_text(resolved + "\n")
+    print(f"workdir: {workdir} (resolved config: {workdir / 'config.json'}); phases: "
+          f"{', '.join(config.phases)}")  # fmt: skip
     if builds_its_base(config):
         pretrain.pretrain(config, workdir)
     for name in config.phases:
@@ -156,7 +171,7 @@ def builds_its_base(config: ml_collections.ConfigDict) -> bool:
     )
 
 
-def run_seeds(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def run_seeds(config: ml_collections.ConfigDict, workdir: Path, verbose: bool = False) -> None:
     """The config once per seed of `config.seeds` (config.seed set, in `seed-<n>/`; a
     finished seed is skipped phase by phase as any rerun), then report.md across them."""
     seeds = [int(s) for s in config.seeds]
@@ -169,7 +184,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: Path) -> None:
         single = config.copy_and_resolve_references()
         single.seed, single.seeds = seed, ()
         print(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===")
-        run(single, report_md.seed_dir(workdir, seed))
+        run(single, report_md.seed_dir(workdir, seed), verbose)
     path = report_md.write(workdir)
     print(path.read_text())
     print(f"report across seeds: {path}\nworkdir: {workdir}")

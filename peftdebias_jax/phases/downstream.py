@@ -3,8 +3,9 @@
 downstream = encoder + loaded patches (frozen) -> task data -> fit(classification step)
 -> best checkpoint by the task's metric -> predictions and extrinsic metrics. FT (no
 patch; `baseline` runs it beside a patched run), Full-Debias (a dense CDA-trained base),
-transfer (a patch from another dataset in `downstream.patches`) and the mask modes of
-`downstream.trainable` are configurations of this one phase.
+transfer (this run's patch on another task of its axis, or a patch from another run in
+`downstream.patches`) and the mask modes of `downstream.trainable` are configurations of
+this one phase.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import traverse_util
 
 from peftdebias_jax import checkpoint, masks, peft, trainable_sets
 from peftdebias_jax.data import pipeline, splits, tasks
+from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation.scoring import score_split
 from peftdebias_jax.importance import fisher
 from peftdebias_jax.phases import common
@@ -241,6 +243,30 @@ def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     plain.phases = ("downstream",)
     (sub / "config.json").write_text(json.dumps(plain.to_dict(), indent=2, default=str) + "\n")
     return downstream(plain, sub)
+
+
+def transfer(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """This run's patch(es), frozen while fine-tuning on another task of the axis
+    (`config.transfer`: its task and data files; the downstream section's other settings),
+    in `workdir/transfer/`, beside FT on that task in `workdir/transfer/baseline/`: the
+    paper's transfer rows (a patch learned on one dataset, used on another)."""
+    patches = patch_dirs(config, workdir)
+    if not patches:
+        raise ConfigError(
+            "the transfer phase moves this run's patch to config.transfer.task, and the run "
+            "has none: add the upstream phase, or set config.downstream.patches"
+        )
+    moved, sub = sub_run(config, workdir, "transfer")
+    moved.downstream.task = config.transfer.task
+    for key in ("train_file", "validation_file", "test_file"):
+        setattr(moved.downstream, key, getattr(config.transfer, key))
+    moved.downstream.patches = tuple(str(p) for p in patches)
+    moved.downstream.extra_evals = ()
+    moved.phases = ("downstream",)
+    (sub / "config.json").write_text(json.dumps(moved.to_dict(), indent=2, default=str) + "\n")
+    results = downstream(moved, sub)
+    baseline(moved, sub)
+    return results
 
 
 def write_predictions(path: Path, examples, labels, predicted: np.ndarray) -> None:

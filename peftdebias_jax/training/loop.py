@@ -6,8 +6,11 @@ evaluates every `eval_every` steps, keeps the best step by a chosen metric (call
 `on_best`, e.g. to save the patch), checkpoints every `checkpoint_every` steps, runs up to
 `steps_per_call` batches of one length bucket in one compiled call (stopping at each of
 those steps), and stops with an error naming the step if the loss or gradient norm stops
-being finite; the last checkpoint saved before that is kept. Logged throughput counts
-training time only (evaluations and checkpoint saves are left out).
+being finite; the last checkpoint saved before that is kept. SIGINT or SIGTERM stops it at
+the end of the current compiled call with a checkpoint there (`interrupts.Interrupted`).
+On resume an unreadable checkpoint is reported and the newest readable one used, and
+metrics.jsonl loses the phase's records past the resumed step, so each step appears once.
+Logged throughput counts training time only (evaluations and checkpoint saves are left out).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 from peftdebias_jax import masks
 from peftdebias_jax.checkpoint import TrainCheckpoints
 from peftdebias_jax.data.pipeline import Batches
-from peftdebias_jax.errors import ConfigError, PeftDebiasError
+from peftdebias_jax.errors import CheckpointError, ConfigError, PeftDebiasError
+from peftdebias_jax.training import interrupts
 from peftdebias_jax.training.parallel import Runner
 from peftdebias_jax.training.progress import Progress
 from peftdebias_jax.training.state import TrainState
@@ -112,6 +116,50 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(values) + "\n")
 
+    def cut_back(self, phase: str, step: int) -> None:
+        """Drops `phase`'s records past `step` (and a torn last line): what a resumed run
+        from `step` writes again."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("phase") != phase or int(record.get("step", 0)) <= step:
+                kept.append(line)
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text("".join(f"{line}\n" for line in kept))
+        staged.replace(self.path)
+
+
+def restore_latest_readable(
+    checkpoints: TrainCheckpoints, target: dict[str, Any], name: str
+) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """(step, tree, record) of the newest checkpoint that restores; each unreadable newer
+    one is reported. None when there is none; an error when none of them restores."""
+    failures = []
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            tree, record = checkpoints.restore(step, target)
+        except Exception as err:  # Orbax/tensorstore raise many kinds for a damaged file
+            failures.append(f"step {step}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            log.warning("%s: checkpoint of step %d in %s is unreadable (%s); trying an older "
+                        "one", name, step, checkpoints.directory, failures[-1])  # fmt: skip
+            continue
+        for damaged in [s for s in checkpoints.all_steps() if s > step]:
+            checkpoints.discard(damaged)  # training re-saves these steps
+            log.warning("%s: removed the unreadable checkpoint of step %d", name, damaged)
+        return step, tree, record
+    if failures:
+        raise CheckpointError(
+            f"{checkpoints.directory}: no checkpoint of {name} restores ("
+            + "; ".join(failures)
+            + "). Delete that directory to train this phase from the start"
+        )
+    return None
+
 
 def checkpoint_tree(state: TrainState, label_tree: Any) -> dict[str, Any]:
     """What a checkpoint stores: trainable params (frozen ones come from the base model)."""
@@ -155,9 +203,11 @@ def fit(
     checkpoints = TrainCheckpoints(checkpoint_dir)
     metrics_log = MetricsLog(metrics_path)
     epoch = index = 0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        tree, record = checkpoints.restore(latest, checkpoint_tree(state, label_tree))
+    restored = restore_latest_readable(
+        checkpoints, checkpoint_tree(state, label_tree), settings.name
+    )
+    if restored is not None:
+        latest, tree, record = restored
         state = restore_into(state, tree, label_tree)
         epoch, index = record["epoch"], record["index"]
         if selection is not None and record.get("selection"):
@@ -165,6 +215,7 @@ def fit(
             selection.best, selection.best_step = saved["best"], saved["step"]
         log.info("resuming %s from step %d (%s)", settings.name, latest, checkpoints.directory)
     start = int(state.step)
+    metrics_log.cut_back(settings.name, start)
     if start >= settings.num_steps:
         log.info("%s already finished (%d steps)", settings.name, start)
         checkpoints.close()
@@ -214,39 +265,43 @@ def fit(
     periods += [settings.eval_every] if evaluate is not None else []
     done = start
     try:
-        while done < settings.num_steps:
-            limit = steps_until_boundary(done, periods, settings)
-            specs, position = batches.next_call(*position, limit)
-            count = len(specs)
-            rows = runner.local_rows()
-            batch_list = [batches.materialize(spec, rows) for spec in specs]
-            stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
-            device_state, metrics = train_step(device_state, stacked, counter)
-            pending.append((done + 1, count, metrics))
-            done += count
-            last = done == settings.num_steps
-            if done % settings.log_every == 0 or last:
-                flush(done)
-            if evaluate is not None and (done % settings.eval_every == 0 or last):
-                flush(done)
-                results = evaluate(device_state)
-                metrics_log.write(phase=settings.name, step=done, **results)
-                log.info("%s step %d: %s", settings.name, done, results)
-                if selection is not None and selection.improves(results[selection.metric]):
-                    selection.best, selection.best_step = results[selection.metric], done
-                    if on_best is not None:
-                        on_best(runner.get_state(device_state), done, results)
-                clock.mark()  # the next interval's rate counts training only
-            if done % settings.checkpoint_every == 0 or last:
-                flush(done)
-                record = {
-                    "epoch": position[0],
-                    "index": position[1],
-                    "selection": selection.to_record() if selection else None,
-                }
-                host_state = runner.get_state(device_state)
-                checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
-                clock.mark()
+        with interrupts.listening():
+            while done < settings.num_steps:
+                limit = steps_until_boundary(done, periods, settings)
+                specs, position = batches.next_call(*position, limit)
+                count = len(specs)
+                rows = runner.local_rows()
+                batch_list = [batches.materialize(spec, rows) for spec in specs]
+                stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
+                device_state, metrics = train_step(device_state, stacked, counter)
+                pending.append((done + 1, count, metrics))
+                done += count
+                last = done == settings.num_steps
+                if done % settings.log_every == 0 or last:
+                    flush(done)
+                if evaluate is not None and (done % settings.eval_every == 0 or last):
+                    flush(done)
+                    results = evaluate(device_state)
+                    metrics_log.write(phase=settings.name, step=done, **results)
+                    log.info("%s step %d: %s", settings.name, done, results)
+                    if selection is not None and selection.improves(results[selection.metric]):
+                        selection.best, selection.best_step = results[selection.metric], done
+                        if on_best is not None:
+                            on_best(runner.get_state(device_state), done, results)
+                    clock.mark()  # the next interval's rate counts training only
+                signum = interrupts.take()
+                if done % settings.checkpoint_every == 0 or last or signum is not None:
+                    flush(done)
+                    record = {
+                        "epoch": position[0],
+                        "index": position[1],
+                        "selection": selection.to_record() if selection else None,
+                    }
+                    host_state = runner.get_state(device_state)
+                    checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
+                    clock.mark()
+                if signum is not None:
+                    raise interrupts.Interrupted(settings.name, done, signum)
     finally:
         progress.close()
         checkpoints.close()

@@ -1,0 +1,203 @@
+"""Runs that fail well: a short message and the right exit status for bad commands and
+input, signals that stop training at a checkpoint and resume bit for bit, damaged
+checkpoints and killed saves recovered from, metrics written once per step."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_upstream import kill_at_batch, patch_leaves, smoke
+
+from peftdebias_jax import checkpoint, command_line, files, phases
+from peftdebias_jax.data import pipeline
+from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.training import interrupts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def assert_short(result: subprocess.CompletedProcess, status: int, *needles: str) -> None:
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for needle in needles:  # in the message (a list of missing files spans lines)
+        assert needle in result.stderr, result.stderr[-2000:]
+
+
+def test_help_lists_the_configs_and_presets():
+    result = run_py("--help")
+    assert result.returncode == 0, result.stderr
+    assert "race_adapter" in result.stdout and "gender_lora" in result.stdout
+    assert '"demo"' in result.stdout and "__init__" not in result.stdout
+
+
+def test_a_missing_config_file_is_named():
+    assert_short(run_py("--config=configs/no_such.py:demo"), 2, "configs/no_such.py")
+
+
+def test_a_config_key_typo_names_the_key_and_the_closest(tmp_path):
+    result = run_py("--config=configs/race_adapter.py:smoke", "--config.upstream.learning_rat=1",
+                    f"--workdir={tmp_path}")  # fmt: skip
+    assert_short(result, 2, "config.upstream.learning_rat", "learning_rate")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_missing_input_names_its_key_before_anything_runs(tmp_path):
+    result = run_py("--config=configs/race_adapter.py:smoke",
+                    f"--config.downstream.test_file={tmp_path}/gone.jsonl",
+                    f"--workdir={tmp_path}/work")  # fmt: skip
+    assert_short(result, 2, "config.downstream.test_file")
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "work").write_text("not a directory")
+    result = run_py("--config=configs/race_adapter.py:smoke", f"--workdir={tmp_path}/work")
+    assert_short(result, 2, str(tmp_path / "work"), "--workdir")
+
+
+def test_sigterm_stops_at_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    command = [sys.executable, "run.py", "--config=configs/race_adapter.py:smoke",
+               "--config.upstream.num_steps=100000", "--config.upstream.checkpoint_every=50",
+               "--config.upstream.eval_every=100000", "--config.upstream.log_every=50",
+               f"--workdir={tmp_path}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    checkpoints = tmp_path / "checkpoints" / "upstream"
+    deadline = time.time() + 240
+    while not (checkpoints.exists() and any(checkpoints.iterdir())) and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted at step" in stderr, stderr[-2000:]
+    step = int(stderr.split("interrupted at step ")[1].split()[0])
+    assert checkpoint.TrainCheckpoints(checkpoints).latest_step() == step
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert logged[-1]["step"] == step, "the interrupted call's metrics are logged"
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_a_signal_stops_at_the_end_of_the_call_and_resumes_bit_for_bit(
+    tmp_path, monkeypatch, steps_per_call
+):
+    settings = dict(num_steps=8, learning_rate=1e-2, eval_every=4, checkpoint_every=4,
+                    log_every=4, steps_per_call=steps_per_call)  # fmt: skip
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
+
+    real, calls = pipeline.Batches.next_call, []
+
+    def signalled(self, epoch, index, limit):
+        calls.append(limit)
+        if len(calls) == 2:  # the signal arrives while the second call is prepared
+            interrupts.REQUESTS.handle(signal.SIGINT, None)
+        return real(self, epoch, index, limit)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline.Batches, "next_call", signalled)
+        with pytest.raises(interrupts.Interrupted, match="interrupted at step") as err:
+            phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+    stopped = err.value.step
+    assert err.value.exit_status == 130 and 0 < stopped < 8
+    assert (
+        checkpoint.TrainCheckpoints(tmp_path / "resumed/checkpoints/upstream").all_steps()[-1]
+        == stopped
+    )
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+    for name in ("patch_final", "patch"):
+        _, a = patch_leaves(tmp_path / "straight" / name)
+        _, b = patch_leaves(tmp_path / "resumed" / name)
+        for path in a:
+            np.testing.assert_array_equal(a[path], b[path], err_msg=f"{name}: {path}")
+
+
+def test_outside_training_a_signal_interrupts_at_once():
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.REQUESTS.handle(signal.SIGTERM, None)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, monkeypatch):
+    settings = dict(num_steps=8, learning_rate=1e-2, eval_every=100, checkpoint_every=2,
+                    log_every=1)  # fmt: skip
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "straight")
+    with kill_at_batch(monkeypatch, 7), pytest.raises(Exception, match="killed"):
+        phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+    directory = tmp_path / "resumed/checkpoints/upstream"
+    assert checkpoint.TrainCheckpoints(directory).all_steps()[-2:] == [4, 6]
+    for path in (directory / "6").rglob("*"):  # truncate every file of the latest
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:7])
+    phases.upstream.upstream(smoke(tmp_path, **settings), tmp_path / "resumed")
+    _, a = patch_leaves(tmp_path / "straight" / "patch_final")
+    _, b = patch_leaves(tmp_path / "resumed" / "patch_final")
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "resumed/metrics.jsonl").open())
+             if r["phase"] == "upstream" and "loss" in r]  # fmt: skip
+    assert steps == list(range(1, 9)), "each step logged once, in order"
+
+
+def test_a_killed_save_is_put_right_at_start(tmp_path):
+    (tmp_path / "patch").mkdir()
+    (tmp_path / ".patch.tmp-0123abcd").mkdir()  # a staging copy: removed
+    (tmp_path / ".patch.old-4567abcd").mkdir()  # an old copy beside its target: removed
+    (tmp_path / ".patch_final.old-89abcdef").mkdir()  # killed between the renames: restored
+    (tmp_path / ".patch_final.old-89abcdef" / "patch.json").write_text("{}")
+    done = files.recover_staged(tmp_path)
+    assert len(done) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patch", "patch_final"]
+    assert (tmp_path / "patch_final" / "patch.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "needle"),
+    [
+        (ConfigError("config.upstream.batch_size must be positive"), 2, "batch_size"),
+        (OSError(errno.ENOSPC, "No space left on device", "/w/ckpt"), 1, "disk is full"),
+        (PermissionError(errno.EACCES, "Permission denied", "/w"), 2, "--workdir"),
+        (RuntimeError("tensorstore: bad chunk\nmore"), 1, "RuntimeError: tensorstore: bad chunk"),
+        (KeyboardInterrupt("SIGTERM"), 143, "rerun the same command"),
+    ],
+)
+def test_each_failure_gets_one_message_and_its_status(tmp_path, error, status, needle):
+    failure = command_line.describe_failure(error, tmp_path, verbose=False)
+    assert failure.status == status and needle in failure.message
+    assert "\n" not in failure.message
+    if not isinstance(error, KeyboardInterrupt):
+        assert (tmp_path / command_line.ERROR_LOG).exists() and "error.log" in failure.hint
+    loud = command_line.describe_failure(error, tmp_path, verbose=True)
+    assert isinstance(error, KeyboardInterrupt) or type(error).__name__ in loud.hint
+
+
+def test_the_console_shows_a_header_not_the_whole_config(tmp_path, capsys):
+    config = smoke(tmp_path, num_steps=2)
+    config.phases = ("upstream",)
+    phases.run(config, tmp_path / "work")
+    out = capsys.readouterr().out
+    assert '"upstream": {' not in out and str(tmp_path / "work" / "config.json") in out
+    assert os.path.exists(tmp_path / "work" / "config.json")
+
+
+def test_numeric_settings_out_of_range_are_named_before_anything_runs(tmp_path):
+    config = smoke(tmp_path)
+    config.upstream.batch_size = 0
+    config.downstream.learning_rate = float("nan")
+    config.upstream.mlm_probability = 1.5
+    with pytest.raises(ConfigError) as err:
+        phases.run(config, tmp_path / "work")
+    for key in ("upstream.batch_size", "downstream.learning_rate", "upstream.mlm_probability"):
+        assert f"config.{key} must be" in str(err.value)
+    assert not (tmp_path / "work").exists()
