@@ -3,6 +3,7 @@
 Run a config:   python run.py --config=configs/<axis>_<method>.py[:preset] [--workdir=DIR]
 Overrides:      --config.upstream.learning_rate=1e-5 and the like (ml_collections)
 Compare runs:   python run.py --compare DIR [DIR ...] [--workdir=OUT]   (OUT/compare.md)
+Rerun phases:   --rerun=upstream,downstream (or all) after changing what they computed
 --verbose:      the resolved config on the console and full tracebacks on errors
 Exit status:    0 done; 2 a bad command, config or input (nothing was lost); 1 a failure
                 while running; 130 / 143 interrupted by SIGINT / SIGTERM (rerun to resume)
@@ -40,6 +41,12 @@ _COMPILE_CACHE = flags.DEFINE_string(
 )
 _COMPARE = flags.DEFINE_bool(
     "compare", False, "Tabulate finished workdirs given as arguments instead of running"
+)
+_RERUN = flags.DEFINE_list(
+    "rerun",
+    [],
+    "Phases to compute again although finished (their outputs are removed first), e.g. "
+    "upstream,downstream, or all; needed when settings changed what a finished phase computed",
 )
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Print the resolved config, and full tracebacks on errors"
@@ -92,7 +99,7 @@ def main(argv: list[str]) -> None:
         workdir = Path(_WORKDIR.value or phases.default_workdir(filename))
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
         print(f"config: {filename}" + (f" with {' '.join(overrides)}" if overrides else ""))
-        phases.run(_CONFIG.value, workdir, verbose=_VERBOSE.value)
+        phases.run(_CONFIG.value, workdir, verbose=_VERBOSE.value, rerun=_RERUN.value)
     except Exception as err:  # every failure: one message, the traceback only on request
         failure = describe_failure(err, workdir, _VERBOSE.value)
         report_failure(failure)

@@ -12,9 +12,11 @@ names whatever differs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +118,31 @@ def save_patch(
         "leaves": {"/".join(p): list(np.shape(v)) for p, v in sorted(flat.items())},
         "training": training or {},
     }
-    with staged_directory(directory) as staging:
+    with writing(directory, "the patch"), staged_directory(directory) as staging:
         staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / WEIGHTS, to_host(leaves))
         (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return directory
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Orbax/tensorstore failures while writing `path` as a CheckpointError naming it; OS
+    errors (disk full, permission) pass as they are, for run.py to name."""
+    try:
+        yield
+    except (OSError, CheckpointError):
+        raise
+    except Exception as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, OSError):
+            raise cause from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: writing {what} failed ({type(err).__name__}: {first}); what was "
+            "there before is kept"
+        ) from err
 
 
 def to_host(tree: Any) -> Any:
@@ -222,8 +243,7 @@ def load_patch(
     saved_name = info["name"]
     name = name or saved_name
     module = with_patch(module, name, config)
-    with ocp.StandardCheckpointer() as checkpointer:
-        leaves = checkpointer.restore(directory / WEIGHTS)
+    leaves = restore_orbax(directory / WEIGHTS)
     if name != saved_name:
         leaves = rename_patch(leaves, saved_name, name)
     return module, insert_leaves(module, params, leaves, directory)
@@ -283,6 +303,10 @@ class TrainCheckpoints:
         self.manager.delete(step)
 
     def save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
+        with writing(self.directory, f"the checkpoint of step {step}"):
+            self._save(step, tree, record)
+
+    def _save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -315,14 +339,34 @@ class TrainCheckpoints:
 def save_tree(directory: str | Path, tree: Any) -> Path:
     """A pytree saved with Orbax, replacing `directory` only once the new copy is written."""
     directory = Path(directory).absolute()
-    with staged_directory(directory) as staging, ocp.StandardCheckpointer() as checkpointer:
+    with (
+        writing(directory, "a checkpoint"),
+        staged_directory(directory) as staging,
+        ocp.StandardCheckpointer() as checkpointer,
+    ):
         checkpointer.save(staging, to_host(tree))
     return directory
 
 
 def load_tree(directory: str | Path) -> Any:
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(directory).absolute())
+    return restore_orbax(Path(directory).absolute())
+
+
+def restore_orbax(path: Path) -> Any:
+    """An Orbax-saved tree; a missing or damaged one is a CheckpointError naming it (Orbax
+    and tensorstore raise many kinds of error for a cut-short save)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: does not restore ({type(err).__name__}: {first}); the save was cut "
+            "short or its files changed: write it again (rerun the phase that made it, "
+            "e.g. --rerun=upstream)"
+        ) from err
 
 
 def save_sft_patch(
@@ -353,7 +397,7 @@ def save_sft_patch(
         "training": training or {},
     }
     directory = Path(directory).absolute()
-    with staged_directory(directory) as staging:
+    with writing(directory, "the patch"), staged_directory(directory) as staging:
         staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             # Orbax keys may not hold "/": the leaf paths are stored as a list instead.
@@ -377,8 +421,7 @@ def load_sft_patch(
     directory = Path(directory).absolute()
     info = read_patch_info(directory)
     check_base(info, module, params, directory / PATCH_JSON, check_fingerprint)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.restore(directory / WEIGHTS)["diff"]
+    stored = restore_orbax(directory / WEIGHTS)["diff"]
     keys = sorted(info["leaves"])
     if len(keys) != len(stored):
         raise CheckpointError(

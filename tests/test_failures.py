@@ -16,8 +16,9 @@ import pytest
 from test_upstream import kill_at_batch, patch_leaves, smoke
 
 from peftdebias_jax import checkpoint, command_line, files, phases
-from peftdebias_jax.data import pipeline
-from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.data import pipeline, records
+from peftdebias_jax.data.records import DataError
+from peftdebias_jax.errors import CheckpointError, ConfigError
 from peftdebias_jax.training import interrupts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,4 +201,112 @@ def test_numeric_settings_out_of_range_are_named_before_anything_runs(tmp_path):
         phases.run(config, tmp_path / "work")
     for key in ("upstream.batch_size", "downstream.learning_rate", "upstream.mlm_probability"):
         assert f"config.{key} must be" in str(err.value)
+    assert not (tmp_path / "work").exists()
+
+
+def test_bad_task_data_is_found_before_upstream_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(phases.upstream, "fit", lambda **_: pytest.fail("upstream trained"))
+    rows = [{"text": f"post {i}", "label": "1" if i % 2 else "0"} for i in range(20)]
+    rows[12]["label"] = "maybe"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = smoke(tmp_path, name="race_adapter")
+    config.downstream.train_file = str(train)
+    with pytest.raises(DataError, match=r"train\.jsonl.*line 13"):
+        phases.run(config, tmp_path / "work")
+    config = smoke(tmp_path, name="race_adapter")
+    config.phases = ("upstream", "transfer")
+    config.transfer.task = "lhcc"
+    with pytest.raises(DataError, match=r"config\.transfer\.task: unknown task 'lhcc'"):
+        phases.run(config, tmp_path / "work2")
+
+
+def finished_upstream(tmp_path, **upstream):
+    config = smoke(tmp_path, num_steps=2, eval_every=2, checkpoint_every=2, **upstream)
+    config.phases = ("upstream",)
+    return config
+
+
+def test_changed_settings_of_a_finished_phase_are_refused_and_nothing_is_touched(tmp_path):
+    work = tmp_path / "work"
+    phases.run(finished_upstream(tmp_path, learning_rate=1e-3), work)
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as err:
+        phases.run(finished_upstream(tmp_path, learning_rate=2e-3), work)
+    message = str(err.value)
+    assert "upstream (finished): config.upstream.learning_rate: 0.001 -> 0.002" in message
+    assert "--rerun=upstream" in message
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    # a key that cannot change results is no reason to refuse
+    phases.run(finished_upstream(tmp_path, learning_rate=1e-3, log_every=7), work)
+    assert (work / "patch" / "patch.json").read_bytes() == before[work / "patch" / "patch.json"]
+
+
+def test_rerun_clears_the_phase_and_computes_it_with_the_new_settings(tmp_path):
+    work = tmp_path / "work"
+    phases.run(finished_upstream(tmp_path, learning_rate=1e-3), work)
+    _, old = patch_leaves(work / "patch_final")
+    phases.run(finished_upstream(tmp_path, learning_rate=5e-2), work, rerun=["upstream"])
+    _, new = patch_leaves(work / "patch_final")
+    assert any(not np.array_equal(old[k], new[k]) for k in old), "upstream trained again"
+    record = json.loads((work / "phases.json").read_text())["upstream"]
+    assert record["state"] == "finished"
+    assert record["settings"]["upstream.learning_rate"] == 5e-2
+    assert json.loads((work / "config.json").read_text())["upstream"]["learning_rate"] == 5e-2
+    with pytest.raises(ConfigError, match="not among the configured phases"):
+        phases.run(finished_upstream(tmp_path), work, rerun=["downstream"])
+
+
+def test_a_truncated_patch_is_named(tmp_path):
+    work = tmp_path / "work"
+    phases.run(finished_upstream(tmp_path), work)
+    for path in (work / "patch" / "weights").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:5])
+    module, params = phases.common.build_model(finished_upstream(tmp_path), "mlm",
+                                               tokenizer=phases.common.tokenizer_for(
+                                                   finished_upstream(tmp_path), work))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"patch/weights: does not restore"):
+        checkpoint.load_patch(work / "patch", module, params)
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    path = tmp_path / "posts.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"posts\.jsonl, line 3: not UTF-8 text \(byte 0xe9\)"):
+        records.read_records(path)
+
+
+def test_a_failed_save_names_its_directory_and_keeps_the_old_copy(tmp_path, monkeypatch):
+    target = tmp_path / "best"
+    checkpoint.save_tree(target, {"w": np.ones(3, np.float32)})
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("tensorstore: write failed\nsecond line")
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", broken)
+    with pytest.raises(CheckpointError, match=r"best: writing a checkpoint failed \(ValueError"):
+        checkpoint.save_tree(target, {"w": np.zeros(3, np.float32)})
+    np.testing.assert_array_equal(checkpoint.load_tree(target)["w"], np.ones(3, np.float32))
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", full)
+    with pytest.raises(OSError) as err:
+        checkpoint.save_tree(target, {"w": np.zeros(3, np.float32)})
+    assert command_line.classify(err.value) == (f"{target}: the disk is full; free space, then "
+                                                f"{command_line.RESUME}", 1)  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["best"], "no staging copy is left"
+
+
+def test_bad_upstream_settings_are_found_before_anything_trains(tmp_path):
+    config = smoke(tmp_path, name="race_adapter")
+    config.upstream.word_list_key = "religon"
+    with pytest.raises(ConfigError, match=r"config\.upstream\.word_list_key.*'religon'"):
+        phases.run(config, tmp_path / "work")
+    config = smoke(tmp_path, name="race_adapter")
+    config.patch.reduction_factor = 0
+    with pytest.raises(ConfigError, match=r"config\.patch"):
+        phases.run(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()

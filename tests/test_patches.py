@@ -155,10 +155,22 @@ def test_lora_target_modules_suffix_and_regex(tiny):
 
 def test_lora_matching_nothing_is_an_error(tiny):
     directory, _ = tiny
-    with pytest.raises(ConfigError, match="match no module"):
+    with pytest.raises(ConfigError, match="match no module") as err:
         models.from_pretrained(
             directory, patches={"x": peft.PatchConfig("lora", target_modules=["nothing"])}
         )
+    assert "bert.encoder.layer.<i>.attention.self.query" in str(err.value), "the names that exist"
+
+
+def test_a_lora_regex_matches_with_or_without_the_base_prefix(tiny):
+    directory, _ = tiny
+    paths = []
+    for regex in (r"encoder\.layer\.0\.attention\.self\.query",
+                  r"bert\.encoder\.layer\.0\.attention\.self\.query"):  # fmt: skip
+        spec = peft.PatchConfig("lora", target_modules=regex)
+        _, params = models.from_pretrained(directory, patches={"x": spec})
+        paths.append({p.split("/lora_x/")[0] for p in patch_paths(params, "x")})
+    assert paths[0] == paths[1] == {"bert/encoder/layer_0/attention/self/query"}
 
 
 @pytest.mark.parametrize(

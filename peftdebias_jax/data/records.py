@@ -8,6 +8,7 @@ Local files by suffix: .jsonl / .json (one object per line, or one JSON array), 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ def read_records(source: str | Path) -> list[dict[str, Any]]:
 
         records = pq.read_table(path).to_pylist()
     elif suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = utf8_text(path).splitlines()
         records = [{"text": line} for line in lines if line.strip()]
     else:
         raise DataError(
@@ -52,8 +53,21 @@ def read_records(source: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file "
+            "as UTF-8"
+        ) from None
+
+
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    content = path.read_text(encoding="utf-8")
+    content = utf8_text(path)
     stripped = content.lstrip()
     if stripped.startswith("["):
         try:
@@ -80,7 +94,7 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(utf8_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             raise DataError(f"{path}: no header line")

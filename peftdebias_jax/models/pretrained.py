@@ -19,7 +19,7 @@ from peftdebias_jax.models.config import EncoderConfig, read_config_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params, init_leaves, init_params
 from peftdebias_jax.models.seams import Patch
 from peftdebias_jax.models.weight_files import find_weights, read_weights, weight_keys
-from peftdebias_jax.models.weights import fill_params, leaf_paths, to_state_dict
+from peftdebias_jax.models.weights import fill_params, hf_key, leaf_paths, to_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,20 @@ def build_patches(patches: PatchSpec) -> tuple[Patch, ...]:
 
 
 def check_patch_leaves(params: dict, patches: Sequence[Patch]) -> None:
-    """Every patch must have created parameters (e.g. LoRA targets that match no module)."""
-    scopes = {part for path, _ in leaf_paths(params) for part in path}
+    """Every patch must have created parameters; LoRA targets that match no module are
+    named with the dense modules that exist (the names `target_modules` is matched on)."""
+    paths = [path for path, _ in leaf_paths(params)]
+    scopes = {part for path in paths for part in path}
     for patch in patches:
-        if patch.scope not in scopes:
-            detail = getattr(patch, "target_modules", None)
-            hint = f" (target_modules={detail!r} match no module)" if detail is not None else ""
-            raise ConfigError(f"patch {patch.name!r} ({patch.method}) adds no parameters{hint}")
+        if patch.scope in scopes:
+            continue
+        detail = getattr(patch, "target_modules", None)
+        hint = ""
+        if detail is not None:
+            kernels = [hf_key(p)[: -len(".weight")] for p in paths if p[-1] == "kernel"]
+            shown = ", ".join(sorted({re.sub(r"layer\.\d+", "layer.<i>", k) for k in kernels}))
+            hint = f" (target_modules={detail!r} match no module; the modules: {shown})"
+        raise ConfigError(f"patch {patch.name!r} ({patch.method}) adds no parameters{hint}")
 
 
 def from_config(

@@ -74,6 +74,10 @@ class SeqBn(Patch):
     kind = "adapter"
 
     def __post_init__(self) -> None:
+        if not self.reduction_factor > 0:
+            raise ValueError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(
                 f"non_linearity {self.non_linearity!r} is not one of {sorted(ACTIVATIONS)}"

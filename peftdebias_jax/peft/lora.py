@@ -32,13 +32,17 @@ class LoRADelta(nn.Module):
         return kernel_matmul(kernel_matmul(x, a.astype(x.dtype)), b.astype(x.dtype)) * self.scaling
 
 
+BASE_NAMES = ("bert", "roberta")  # the first part of a module path in a model with a head
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRA(Patch):
     """LoRA on the encoder's dense layers (pooler included) named by `target_modules`.
 
     A list/tuple holds module-name suffixes ("query" matches "...attention.self.query"); a
-    string is a regex that must fully match the Hugging Face module name
-    (e.g. r"bert\\.encoder\\.layer\\.\\d+\\.attention\\.self\\.(query|value)").
+    string is a regex that must fully match the Hugging Face module name, with or without
+    the base model's prefix (r"bert\\.encoder\\.layer\\.\\d+\\.attention\\.self\\.query" as
+    in BertForMaskedLM, or r"encoder\\.layer\\.\\d+\\.attention\\.self\\.query" as in BertModel).
     Head layers (`cls.*`, `classifier*`) are never adapted; peft would also adapt a head
     layer whose name matches, e.g. `cls.predictions.transform.dense` for "dense".
     """
@@ -59,8 +63,9 @@ class LoRA(Patch):
             raise ValueError(f"LoRA r must be >= 1, got {self.r}")
 
     def targets(self, path: str) -> bool:
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, path) is not None
+        if isinstance(self.target_modules, str):  # BertModel names lack the "bert." prefix
+            bare = path.split(".", 1)[1] if path.split(".", 1)[0] in BASE_NAMES else path
+            return any(re.fullmatch(self.target_modules, p) for p in (path, bare))
         return any(path == t or path.endswith("." + t) for t in self.target_modules)
 
     def dense_delta(self, state, path, x, features, deterministic):

@@ -24,6 +24,7 @@ import ml_collections
 
 from peftdebias_jax import config_checks, files
 from peftdebias_jax import report as report_md
+from peftdebias_jax.data import cda, splits, tasks
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.phases import (
@@ -33,6 +34,7 @@ from peftdebias_jax.phases import (
     evaluate,
     fisher_lowrank,
     pretrain,
+    provenance,
     report,
     upstream,
 )
@@ -131,23 +133,62 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
         common.check_mlm_head(config)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, verbose: bool = False) -> None:
-    """Writes the resolved config to the workdir (and prints it when `verbose`), runs the
-    configured phases (each builds its model and prints its parameter summary); with
-    `config.seeds`, runs them once per seed in `seed-<n>/` and reports mean ± sd across
-    the seeds."""
+TASK_PHASES = {"downstream", "baseline", "bias_select", "fisher_lowrank"}
+
+
+def check_upstream_data(config: ml_collections.ConfigDict) -> None:
+    """The patch spec is valid, and the upstream corpus and CDA word lists parse, before
+    anything trains (the pretrain phase may run first)."""
+    common.patch_spec(config)
+    if {"upstream", "cross_axis"} & set(config.phases):
+        upstream.upstream_texts(config)
+        lists = upstream.word_lists(config)
+        keys = {"config.upstream.word_list_key": config.upstream.word_list_key}
+        if "cross_axis" in config.phases:
+            keys["config.cross_axis.word_list_key"] = config.cross_axis.word_list_key
+        for name, key in keys.items():
+            try:
+                cda.Augmenter.from_word_lists(lists, key, config.upstream.cda_mode)
+            except ConfigError as err:
+                raise ConfigError(f"{name} / config.upstream.cda_mode: {err}") from None
+
+
+def check_task_data(config: ml_collections.ConfigDict) -> None:
+    """Every task split the configured phases will read (the downstream section's, and the
+    transfer phase's) parses, with known labels and no empty split, before the first
+    phase trains: a bad label found after upstream would cost its whole run."""
+    runs = [("downstream", config)] if TASK_PHASES & set(config.phases) else []
+    if "transfer" in config.phases:
+        runs.append(("transfer", downstream.transfer_config(config)))
+    for section, settings in runs:
+        try:
+            task = tasks.get(settings.downstream.task)
+        except DataError as err:
+            raise DataError(f"config.{section}.task: {err}") from None
+        splits.load_task_data(settings, task)
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    verbose: bool = False,
+    rerun: tuple[str, ...] | list[str] = (),
+) -> None:
+    """Checks the settings, inputs and the workdir's finished phases (`provenance`; the
+    phases named in `rerun`, or "all", are cleared and run again), writes the resolved
+    config to the workdir (and prints it when `verbose`), then runs the configured phases
+    (each builds its model and prints its parameter summary); with `config.seeds`, runs
+    them once per seed in `seed-<n>/` and reports mean ± sd across the seeds."""
     if config.seeds:
-        run_seeds(config, Path(workdir), verbose)
+        run_seeds(config, Path(workdir), verbose, rerun)
         return
-    unknown = [p for p in config.phases if p not in PHASES]
-    if unknown:
-        raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
-    config_checks.check_settings(config)
-    check_inputs(config)
     workdir = Path(workdir)
+    again = check(config, workdir, rerun)
     workdir.mkdir(parents=True, exist_ok=True)
     for repair in files.recover_staged(workdir):  # what a killed save left behind
         log.info("workdir: %s", repair)
+    for removed in provenance.clear(workdir, sorted(again)):
+        log.info("--rerun: removed %s", removed)
     resolved = json.dumps(config.to_dict(), indent=2, default=str)
     if verbose:
         print("resolved config:\n" + resolved)
@@ -157,8 +198,26 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, verbose: bool = 
     if builds_its_base(config):
         pretrain.pretrain(config, workdir)
     for name in config.phases:
+        provenance.mark(config, workdir, name, "started")
         PHASES[name](config, workdir)
+        provenance.mark(config, workdir, name, "finished")
     print(f"workdir: {workdir}")
+
+
+def check(config: ml_collections.ConfigDict, workdir: Path, rerun) -> set[str]:
+    """Everything checked before a run writes or trains anything: phase names, numeric
+    settings, input files, task data, and the workdir's finished phases against these
+    settings; returns the phases to run again."""
+    unknown = [p for p in config.phases if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
+    again = provenance.rerun_set(rerun, config)
+    config_checks.check_settings(config)
+    check_inputs(config)
+    check_upstream_data(config)
+    check_task_data(config)
+    provenance.check(config, workdir, again)
+    return again
 
 
 def builds_its_base(config: ml_collections.ConfigDict) -> bool:
@@ -171,20 +230,30 @@ def builds_its_base(config: ml_collections.ConfigDict) -> bool:
     )
 
 
-def run_seeds(config: ml_collections.ConfigDict, workdir: Path, verbose: bool = False) -> None:
+def run_seeds(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    verbose: bool = False,
+    rerun: tuple[str, ...] | list[str] = (),
+) -> None:
     """The config once per seed of `config.seeds` (config.seed set, in `seed-<n>/`; a
-    finished seed is skipped phase by phase as any rerun), then report.md across them."""
+    finished seed is skipped phase by phase as any rerun), then report.md across them.
+    Every seed is checked before the first one runs."""
     seeds = [int(s) for s in config.seeds]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config.seeds: {seeds} repeats a seed")
-    workdir.mkdir(parents=True, exist_ok=True)
-    resolved = json.dumps(config.to_dict(), indent=2, default=str)
-    (workdir / "config.json").write_text(resolved + "\n")
+    singles = []
     for seed in seeds:
         single = config.copy_and_resolve_references()
         single.seed, single.seeds = seed, ()
+        check(single, report_md.seed_dir(workdir, seed), rerun)
+        singles.append(single)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = json.dumps(config.to_dict(), indent=2, default=str)
+    (workdir / "config.json").write_text(resolved + "\n")
+    for seed, single in zip(seeds, singles, strict=True):
         print(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===")
-        run(single, report_md.seed_dir(workdir, seed), verbose)
+        run(single, report_md.seed_dir(workdir, seed), verbose, rerun)
     path = report_md.write(workdir)
     print(path.read_text())
     print(f"report across seeds: {path}\nworkdir: {workdir}")

@@ -256,17 +256,27 @@ def transfer(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             "the transfer phase moves this run's patch to config.transfer.task, and the run "
             "has none: add the upstream phase, or set config.downstream.patches"
         )
-    moved, sub = sub_run(config, workdir, "transfer")
+    _, sub = sub_run(config, workdir, "transfer")
+    moved = transfer_config(config, patches)
+    (sub / "config.json").write_text(json.dumps(moved.to_dict(), indent=2, default=str) + "\n")
+    results = downstream(moved, sub)
+    baseline(moved, sub)
+    return results
+
+
+def transfer_config(
+    config: ml_collections.ConfigDict, patches: list[Path] | tuple = ()
+) -> ml_collections.ConfigDict:
+    """The transfer phase's downstream run: config.transfer's task and data files, the
+    given patches frozen, no extra evaluation sets."""
+    moved = config.copy_and_resolve_references()
     moved.downstream.task = config.transfer.task
     for key in ("train_file", "validation_file", "test_file"):
         setattr(moved.downstream, key, getattr(config.transfer, key))
     moved.downstream.patches = tuple(str(p) for p in patches)
     moved.downstream.extra_evals = ()
     moved.phases = ("downstream",)
-    (sub / "config.json").write_text(json.dumps(moved.to_dict(), indent=2, default=str) + "\n")
-    results = downstream(moved, sub)
-    baseline(moved, sub)
-    return results
+    return moved
 
 
 def write_predictions(path: Path, examples, labels, predicted: np.ndarray) -> None:
