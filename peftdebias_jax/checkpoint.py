@@ -241,12 +241,30 @@ def load_patch(
     check_base(info, module, params, source, verify_fingerprint=check_fingerprint)
     config = PatchConfig.from_dict(info["patch"])
     saved_name = info["name"]
+    check_described_leaves(info, with_patch(module, saved_name, config), saved_name, source)
     name = name or saved_name
     module = with_patch(module, name, config)
     leaves = restore_orbax(directory / WEIGHTS)
     if name != saved_name:
         leaves = rename_patch(leaves, saved_name, name)
     return module, insert_leaves(module, params, leaves, directory)
+
+
+def check_described_leaves(info: dict, module: EncoderModel, name: str, source: Path) -> None:
+    """The leaves patch.json's method and settings make must be the ones it lists as
+    stored: otherwise the file was edited, or describes other weights."""
+    flat = traverse_util.flatten_dict(abstract_params(module))
+    made = {"/".join(p): list(v.shape) for p, v in flat.items() if masks.patch_name(p) == name}
+    if made != info.get("leaves", made):
+        only_made = sorted(set(made) - set(info["leaves"]))[:3]
+        only_stored = sorted(set(info["leaves"]) - set(made))[:3]
+        shapes = [k for k in set(made) & set(info["leaves"]) if made[k] != info["leaves"][k]][:3]
+        raise CheckpointError(
+            f"{source}: its patch settings ({info['patch'].get('method')!r}) do not make the "
+            f"leaves it lists as stored (made, not listed: {only_made}; listed, not made: "
+            f"{only_stored}; other shapes: {shapes}): the file was edited or belongs to other "
+            "weights; save the patch again"
+        )
 
 
 def load_patches(

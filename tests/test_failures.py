@@ -310,3 +310,25 @@ def test_bad_upstream_settings_are_found_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.patch"):
         phases.run(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(("edit", "value"), [("reduction_factor", 2), ("mh_adapter", True)])
+def test_an_edited_patch_json_is_named_as_such(tmp_path, edit, value):
+    work = tmp_path / "work"
+    phases.run(finished_upstream(tmp_path), work)
+    info_path = work / "patch" / "patch.json"
+    info = json.loads(info_path.read_text())
+    info["patch"][edit] = value
+    info_path.write_text(json.dumps(info))
+    config = finished_upstream(tmp_path)
+    tokenizer = phases.common.tokenizer_for(config, work)
+    module, params = phases.common.build_model(config, "mlm", tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="do not make the leaves it lists as stored"):
+        checkpoint.load_patch(work / "patch", module, params)
+
+
+def test_a_guessed_text_column_is_named_in_the_error(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"id": 1, "body": "some text"}) + "\n")
+    with pytest.raises(DataError, match=r"field 'id' is not text \(no 'text' column"):
+        records.texts(path)

@@ -136,11 +136,7 @@ def column(
     records: Sequence[dict[str, Any]], name: str | None, source: str | Path, default_first=True
 ) -> list[Any]:
     """The values of one field; `name=None` picks "text" if present, else the first field."""
-    fields = [k for k in records[0] if k != "__line__"]
-    if name is None:
-        name = "text" if "text" in fields else (fields[0] if default_first else None)
-    if name not in fields:
-        raise DataError(f"{source}: no column {name!r}; the columns are {fields}")
+    name = column_name(records, name, source, default_first)
     values = []
     for record in records:
         if name not in record or record[name] is None:
@@ -149,11 +145,26 @@ def column(
     return values
 
 
+def column_name(
+    records: Sequence[dict[str, Any]], name: str | None, source: str | Path, default_first=True
+) -> str | None:
+    """`name`, which must be a column; None: "text" if present, else the first column."""
+    fields = [k for k in records[0] if k != "__line__"]
+    if name is None:
+        name = "text" if "text" in fields else (fields[0] if default_first else None)
+    if name not in fields:
+        raise DataError(f"{source}: no column {name!r}; the columns are {fields}")
+    return name
+
+
 def texts(source: str | Path, name: str | None = None) -> list[str]:
     """The text column of a file (the reference code: "text", else the first column)."""
     records = read_records(source)
-    values = column(records, name, source)
+    used = column_name(records, name, source)
+    guessed = "" if name or used == "text" else " (no 'text' column, so the first one; name it"
+    guessed += ", e.g. config.upstream.text_column)" if guessed else ""
+    values = column(records, used, source)
     for record, value in zip(records, values, strict=True):
         if not isinstance(value, str):
-            raise DataError(f"{where(record, source)}: field {name or 'text'!r} is not text")
+            raise DataError(f"{where(record, source)}: field {used!r} is not text{guessed}")
     return values
