@@ -332,3 +332,14 @@ def test_a_guessed_text_column_is_named_in_the_error(tmp_path):
     path.write_text(json.dumps({"id": 1, "body": "some text"}) + "\n")
     with pytest.raises(DataError, match=r"field 'id' is not text \(no 'text' column"):
         records.texts(path)
+
+
+def test_a_bad_benchmark_file_is_found_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(phases.upstream, "fit", lambda **_: pytest.fail("upstream trained"))
+    crows = tmp_path / "crows.csv"
+    crows.write_text("sent_more,sent_less\na,b\n")
+    config = smoke(tmp_path, name="race_adapter")
+    config.evaluate.crows_file = str(crows)
+    with pytest.raises(DataError, match=r"crows\.csv"):
+        phases.run(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -216,6 +216,8 @@ def check(config: ml_collections.ConfigDict, workdir: Path, rerun) -> set[str]:
     check_inputs(config)
     check_upstream_data(config)
     check_task_data(config)
+    if "evaluate" in config.phases:
+        evaluate.check_benchmarks(config)
     provenance.check(config, workdir, again)
     return again
 

@@ -54,6 +54,23 @@ def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return files
 
 
+def check_benchmarks(config: ml_collections.ConfigDict) -> None:
+    """The configured CrowS-Pairs, StereoSet and SEAT files parse and the minimal-pair axes
+    exist: checked before anything trains, so a bad benchmark file costs no training."""
+    files = benchmark_files(config)
+    if "crows" in files:
+        intrinsic.load_crows(files["crows"], config.evaluate.crows_bias_type or None)
+    if "stereoset" in files:
+        intrinsic.load_stereoset(files["stereoset"])
+    for path in files.get("seat", []):
+        intrinsic.load_seat(path)
+    for axis in config.evaluate.minimal_pairs:
+        try:
+            stereotypes.minimal_pairs(axis)
+        except ValueError as err:
+            raise ConfigError(f"config.evaluate.minimal_pairs: {err}") from None
+
+
 CROSS_AXIS = "cross_axis:"  # variant-name prefix of the other axis's patch
 
 
