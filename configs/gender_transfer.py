@@ -14,6 +14,8 @@ from configs import common
 def get_config(preset=None):
     config = common.make("gender", "seq_bn", preset)
     config.downstream.task = "mnli"
+    if preset == "demo":  # no stereotyped MNLI is generated: the templated synthetic one
+        config.downstream.train_file = "synthetic"
     if not common.is_small(preset):
         config.downstream.train_file = "data/mnli/train.jsonl"
         config.downstream.validation_file = "data/mnli/validation_matched.jsonl"

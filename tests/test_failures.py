@@ -343,3 +343,24 @@ def test_a_bad_benchmark_file_is_found_before_anything_trains(tmp_path, monkeypa
     with pytest.raises(DataError, match=r"crows\.csv"):
         phases.run(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("downstream.trainable", "bitfitt"),
+        ("downstream.groups", "nope"),
+        ("upstream.head_warmup", "sometimes"),
+        ("parallel.mode", "tpu"),
+        ("downstream.class_weights", "1=heavy"),
+        ("beft.mode", "v3"),
+    ],
+)
+def test_an_unknown_choice_is_named_before_anything_trains(tmp_path, monkeypatch, key, value):
+    monkeypatch.setattr(phases.upstream, "fit", lambda **_: pytest.fail("upstream trained"))
+    config = smoke(tmp_path, name="race_adapter")
+    section, field = key.split(".")
+    setattr(config[section], field, value)
+    with pytest.raises(ConfigError, match=rf"config\.{section}\.{field}="):
+        phases.run(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -28,6 +28,12 @@ def load_task_data(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[
             labels = tuple(sorted({e.label for e in train + splits["validation"]}))
     elif dn.train_file == "stereotyped":  # a fixed dataset: seeds vary training only, and
         size = dn.synthetic_size  # every seed's predictions are of the same test examples
+        if task.name != "bias_bios" and task.name not in stereotypes.HATE_STYLES:
+            raise DataError(
+                f"config.downstream.train_file='stereotyped': no generated data for the task "
+                f"{task.name!r} (there is for bias_bios, {', '.join(stereotypes.HATE_STYLES)}); "
+                "use 'synthetic' or a file"
+            )
         train = stereotypes.task(task.name, size, 0, "train")
         splits = {
             "validation": stereotypes.task(task.name, max(size // 4, 8), 1, "train"),

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import ml_collections
 
-from peftdebias_jax import config_checks, files
+from peftdebias_jax import config_checks, files, trainable_sets
 from peftdebias_jax import report as report_md
 from peftdebias_jax.data import cda, splits, tasks
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
+from peftdebias_jax.evaluation import extrinsic
+from peftdebias_jax.importance import bias_scores
 from peftdebias_jax.phases import (
     bias_select,
     common,
@@ -38,6 +40,7 @@ from peftdebias_jax.phases import (
     report,
     upstream,
 )
+from peftdebias_jax.training import parallel
 
 PHASES: dict[str, Callable[[ml_collections.ConfigDict, Path], object]] = {
     "pretrain": pretrain.pretrain,
@@ -153,6 +156,29 @@ def check_upstream_data(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"{name} / config.upstream.cda_mode: {err}") from None
 
 
+def check_choices(config: ml_collections.ConfigDict) -> None:
+    """Every named choice the configured phases look up is known, each error naming its
+    key: the registries (trainable sets, groupings, bias criteria) and the fixed sets."""
+    phases, dn = set(config.phases), config.downstream
+    fixed = {
+        "config.model.init": (config.model.init, ("pretrained", "random")),
+        "config.parallel.mode": (config.parallel.mode, parallel.MODES),
+        "config.upstream.head_warmup": (config.upstream.head_warmup, upstream.HEAD_WARMUP_MODES),
+        "config.beft.mode": (config.beft.mode, ("v2_direct", "v1_select")),
+    }
+    for key, (value, known) in fixed.items():
+        if value not in known:
+            raise ConfigError(f"{key}={value!r}: expected one of {list(known)}")
+    if (TASK_PHASES | {"transfer"}) & phases:
+        trainable_sets.TRAINABLE_SETS.lookup(dn.trainable)
+        extrinsic.GROUPINGS.lookup(dn.groups)
+    if "bias_select" in phases and config.beft.criterion not in bias_scores.criteria():
+        raise ConfigError(
+            f"config.beft.criterion={config.beft.criterion!r}: expected one of "
+            f"{list(bias_scores.criteria())}"
+        )
+
+
 def check_task_data(config: ml_collections.ConfigDict) -> None:
     """Every task split the configured phases will read (the downstream section's, and the
     transfer phase's) parses, with known labels and no empty split, before the first
@@ -165,7 +191,9 @@ def check_task_data(config: ml_collections.ConfigDict) -> None:
             task = tasks.get(settings.downstream.task)
         except DataError as err:
             raise DataError(f"config.{section}.task: {err}") from None
-        splits.load_task_data(settings, task)
+        data = splits.load_task_data(settings, task)
+        tasks.class_weights(task, data["labels"], data["train"], settings.downstream.class_weights,
+                            "config.downstream.class_weights")  # fmt: skip
 
 
 def run(
@@ -213,6 +241,7 @@ def check(config: ml_collections.ConfigDict, workdir: Path, rerun) -> set[str]:
         raise ConfigError(f"config.phases: unknown {unknown}; the phases are {list(PHASES)}")
     again = provenance.rerun_set(rerun, config)
     config_checks.check_settings(config)
+    check_choices(config)
     check_inputs(config)
     check_upstream_data(config)
     check_task_data(config)
