@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from peftdebias_jax import masks
-from peftdebias_jax.errors import CheckpointError
+from peftdebias_jax.errors import CheckpointError, headline
 from peftdebias_jax.files import read_json, staged_directory
 from peftdebias_jax.models.model import EncoderModel, abstract_params
 from peftdebias_jax.models.seams import PATCH_KINDS, Patch
@@ -138,10 +138,8 @@ def writing(path: Path, what: str) -> Iterator[None]:
         cause = err.__cause__ or err.__context__
         if isinstance(cause, OSError):
             raise cause from err
-        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path}: writing {what} failed ({type(err).__name__}: {first}); what was "
-            "there before is kept"
+            f"{path}: writing {what} failed ({headline(err, 200)}); what was there before is kept"
         ) from err
 
 
@@ -379,9 +377,8 @@ def restore_orbax(path: Path) -> Any:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path}: does not restore ({type(err).__name__}: {first}); the save was cut "
+            f"{path}: does not restore ({headline(err, 200)}); the save was cut "
             "short or its files changed: write it again (rerun the phase that made it, "
             "e.g. --rerun=upstream)"
         ) from err

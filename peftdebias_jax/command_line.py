@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftdebias_jax.errors import ConfigError, PeftDebiasError
+from peftdebias_jax.errors import ConfigError, PeftDebiasError, headline
 from peftdebias_jax.training.interrupts import Interrupted
 
 RESUME = "rerun the same command to resume (finished phases and checkpoints are kept)"
@@ -108,8 +108,7 @@ def classify(err: BaseException) -> tuple[str, int]:
         if isinstance(err, FileNotFoundError):
             return f"{where}: no such file or directory", 2
         return f"{where}: {err.strerror or err}", 1
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}", 1
+    return headline(err), 1
 
 
 def traceback_hint(err: BaseException, workdir: Path | None, verbose: bool) -> str:

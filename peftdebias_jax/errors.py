@@ -11,3 +11,11 @@ class ConfigError(PeftDebiasError, ValueError):
 
 class CheckpointError(PeftDebiasError, ValueError):
     """A weights file is unreadable, truncated, or disagrees with the model it should fill."""
+
+
+def headline(err: BaseException, limit: int | None = None) -> str:
+    """ "TypeName: the first line of its message" (at most `limit` characters of it): how a
+    one-line report names an error from a library."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(err).__name__}: {first[:limit] if limit else first}"

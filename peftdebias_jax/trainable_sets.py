@@ -83,11 +83,14 @@ def trainable_set(
     return result if isinstance(result, masks.Trainable) else masks.Trainable(result)
 
 
+BEFT_MODES = ("v2_direct", "v1_select")  # b_v directly; the bias_select phase's choice
+
+
 def selected_bias_type(config: ml_collections.ConfigDict, workdir: Path) -> str:
     """b_v for BEFT v2; the type bias_scores.json names for v1 (the bias_select phase)."""
     if config.beft.mode == "v2_direct":
         return "b_v"
-    if config.beft.mode != "v1_select":
+    if config.beft.mode not in BEFT_MODES:
         raise ConfigError(f"config.beft.mode must be 'v2_direct' or 'v1_select', got "
                           f"{config.beft.mode!r}")  # fmt: skip
     scores = workdir / "bias_scores.json"

@@ -164,7 +164,7 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
         "config.model.init": (config.model.init, ("pretrained", "random")),
         "config.parallel.mode": (config.parallel.mode, parallel.MODES),
         "config.upstream.head_warmup": (config.upstream.head_warmup, upstream.HEAD_WARMUP_MODES),
-        "config.beft.mode": (config.beft.mode, ("v2_direct", "v1_select")),
+        "config.beft.mode": (config.beft.mode, trainable_sets.BEFT_MODES),
     }
     for key, (value, known) in fixed.items():
         if value not in known:

@@ -30,7 +30,7 @@ import numpy as np
 from peftdebias_jax import masks
 from peftdebias_jax.checkpoint import TrainCheckpoints
 from peftdebias_jax.data.pipeline import Batches
-from peftdebias_jax.errors import CheckpointError, ConfigError, PeftDebiasError
+from peftdebias_jax.errors import CheckpointError, ConfigError, PeftDebiasError, headline
 from peftdebias_jax.training import interrupts
 from peftdebias_jax.training.parallel import Runner
 from peftdebias_jax.training.progress import Progress
@@ -144,7 +144,7 @@ def restore_latest_readable(
         try:
             tree, record = checkpoints.restore(step, target)
         except Exception as err:  # Orbax/tensorstore raise many kinds for a damaged file
-            failures.append(f"step {step}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            failures.append(f"step {step}: {headline(err)}")
             log.warning("%s: checkpoint of step %d in %s is unreadable (%s); trying an older "
                         "one", name, step, checkpoints.directory, failures[-1])  # fmt: skip
             continue
