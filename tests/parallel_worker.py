@@ -18,8 +18,9 @@ from peftdebias_jax.training import parallel
 
 def run(mode: str, workdir: Path, name: str) -> dict:
     config = load_config(name, "smoke")
-    config.model.architecture.hidden_dropout_prob = 0.0  # pmap draws dropout per device
-    config.model.architecture.attention_probs_dropout_prob = 0.0
+    config.model.architecture.hidden_dropout_prob = 0.1  # masks drawn by global row
+    config.model.architecture.attention_probs_dropout_prob = 0.1
+    config.upstream.max_predictions = -1  # the batch's cap counts across devices
     config.upstream.update(
         num_steps=5,
         batch_size=8,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftdebias_jax.models.dropout import Dropout, keep_mask
+from peftdebias_jax.models.dropout import Dropout, keep_mask, rows_from
 
 SHAPE = (16, 8, 64, 128)  # 1,048,576 elements, dropout's (batch, heads, query, key) layout
 
@@ -66,3 +66,21 @@ def test_module_scales_kept_values_and_is_identity_when_deterministic():
     np.testing.assert_array_equal(np.asarray(again), out)
     zeros = Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert not np.asarray(zeros).any()
+
+
+def test_a_devices_rows_get_the_masks_of_those_rows_in_the_whole_batch():
+    """pmap layout: each part drawn with its first global row equals the whole batch's mask."""
+    key, shape = jax.random.key(3), (8, 5, 6)
+    whole = np.asarray(keep_mask(key, 0.3, shape))
+    parts = [np.asarray(keep_mask(key, 0.3, (2, 5, 6), first_row=r)) for r in range(0, 8, 2)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert not np.array_equal(parts[0], parts[1])
+
+
+def test_module_reads_its_rows_offset_from_the_context():
+    x, rngs = jnp.ones((4, 16)), {"dropout": jax.random.key(1)}
+    module = Dropout(0.5)
+    whole = module.apply({}, x, deterministic=False, rngs=rngs)
+    with rows_from(2):
+        tail = module.apply({}, x[2:], deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(tail), np.asarray(whole[2:]))

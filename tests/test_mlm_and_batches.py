@@ -213,3 +213,10 @@ def test_batch_cap_on_decoder_rows():
 
     for selected, rows in ((per_row, total), (per_row, total + 3), (capped, total - 2)):
         assert_same_loss_and_gradient(module, params, ids, attention, selected, (4, rows))
+
+    # pmap: each device's part, told what earlier rows selected, caps as the whole batch
+    half = per_row.shape[0] // 2
+    parts = [np.asarray(per_row)[:half], np.asarray(per_row)[half:]]
+    before = [0, int(parts[0].sum())]
+    split = [steps.cap_batch_selection(p, total - 2, b) for p, b in zip(parts, before, strict=True)]
+    np.testing.assert_array_equal(np.concatenate(split), np.asarray(capped))

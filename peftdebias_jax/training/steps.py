@@ -2,8 +2,9 @@
 
 The masked-LM loss is the mean cross-entropy over the selected positions of the whole
 (global) batch. Under `pmap` (axis_name set) each device holds part of the batch: counts
-are summed across devices before normalising and gradients are summed after, so every
-mode computes the same update as one device would.
+are summed across devices before normalising and gradients are summed after, a batch's
+cap on masked positions counts across devices, and dropout masks are drawn by global row
+(`dropout.rows_from`), so every mode computes the same update as one device would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import optax
 
 from peftdebias_jax import masks
 from peftdebias_jax.data import mlm
+from peftdebias_jax.models import dropout
 from peftdebias_jax.training.state import TrainState
 
 EVAL_STREAM = 2**31 - 1  # fold-in constant of the evaluation masks (fixed across evals)
@@ -80,9 +82,25 @@ def cap_selection(selected: jax.Array, limit: int) -> jax.Array:
     return selected & (jnp.cumsum(selected, axis=1) <= limit)
 
 
-def cap_batch_selection(selected: jax.Array, limit: int) -> jax.Array:
-    """The first `limit` selected positions of the whole batch, rows in order."""
-    return cap_selection(selected.reshape(1, -1), limit).reshape(selected.shape)
+def cap_batch_selection(selected: jax.Array, limit: int, before: jax.Array | int = 0) -> jax.Array:
+    """The first `limit` selected positions of the whole batch, rows in order; `before`:
+    how many the devices holding earlier rows of the batch selected."""
+    flat = selected.reshape(-1)
+    return (flat & (jnp.cumsum(flat) + before <= limit)).reshape(selected.shape)
+
+
+def first_row(axis_name: str | None, rows: int) -> jax.Array | int:
+    """Global index of this device's first row of the batch (0 off `pmap`)."""
+    return jax.lax.axis_index(axis_name) * rows if axis_name else 0
+
+
+def selected_before(count: jax.Array, axis_name: str | None) -> jax.Array | int:
+    """Sum of `count` over the devices holding earlier rows of the batch (0 off `pmap`)."""
+    if not axis_name:
+        return 0
+    counts = jax.lax.all_gather(count, axis_name)
+    index = jax.lax.axis_index(axis_name)
+    return jnp.sum(jnp.where(jnp.arange(counts.shape[0]) < index, counts, 0))
 
 
 def _selected_first(selected: jax.Array, count: int) -> jax.Array:
@@ -166,19 +184,22 @@ def make_mlm_train_step(
     def step(state: TrainState, batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
         mask_rng, dropout_rng = jax.random.split(step_rng)
-        if axis_name:
-            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
         ids, attention = batch["input_ids"], batch["attention_mask"]
         inputs, selected = masking.mask(mask_rng, batch, batch["index"])
-        limit = max_predictions_for(ids.shape[1], masking.rate, max_predictions)
-        total = batch_predictions_for(*ids.shape, masking.rate, max_predictions)
+        rows, length = ids.shape
+        devices = jax.lax.axis_size(axis_name) if axis_name else 1
+        limit = max_predictions_for(length, masking.rate, max_predictions)
+        total = batch_predictions_for(rows * devices, length, masking.rate, max_predictions)
         selected = cap_selection(selected, limit)
         if total is not None:
-            selected = cap_batch_selection(selected, total)
+            before = selected_before(jnp.sum(selected), axis_name)
+            selected = cap_batch_selection(selected, total, before)
+            total = min(total, rows * limit)  # what this device's part can hold
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
-        loss, grads = grad_fn(
-            state.params, inputs, ids, attention, selected, dropout_rng, count, (limit, total)
-        )
+        with dropout.rows_from(first_row(axis_name, rows)):
+            loss, grads = grad_fn(
+                state.params, inputs, ids, attention, selected, dropout_rng, count, (limit, total)
+            )
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
         if l1:
             current, frozen = masks.split(state.params, label_tree)
@@ -257,11 +278,10 @@ def make_classification_train_step(
 
     def step(state: TrainState, batch):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-        if axis_name:
-            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
         weights = class_weights[batch["label"]] * batch["weight"]
         total = jnp.maximum(psum(jnp.sum(weights), axis_name), 1e-12)
-        loss, grads = grad_fn(state.params, batch, dropout_rng, total)
+        with dropout.rows_from(first_row(axis_name, batch["label"].shape[0])):
+            loss, grads = grad_fn(state.params, batch, dropout_rng, total)
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
         if regularizer is not None:
             penalty, pull = masks.value_and_grad(regularizer, label_tree)(state.params)
