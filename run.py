@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import common as config_presets
-from peftdebias_jax import phases, report
+from peftdebias_jax import phases, processes, report
 from peftdebias_jax.command_line import (
     Failure,
     config_argument,
@@ -95,6 +95,9 @@ def main(argv: list[str]) -> None:
             stop(f"unexpected arguments: {argv[1:]}")
         if _CONFIG.value is None:
             stop("--config is required, e.g. --config=configs/race_adapter.py:demo")
+        processes.start(_CONFIG.value.parallel)  # before any other JAX call
+        if not processes.is_writer():  # process 0 reports progress for the run
+            logging.set_verbosity(logging.WARNING)
         filename = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = Path(_WORKDIR.value or phases.default_workdir(filename))
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]

@@ -254,7 +254,14 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "auto"  # auto | single | jit | pmap ("auto": jit mesh if >1 device)
-    config.parallel.distributed = False  # jax.distributed.initialize() for multi-host runs
+    # several processes (hosts) as one run: every process runs the same command; process 0
+    # writes the workdir (shared by all). The cluster is detected on TPU pods, SLURM and
+    # Open MPI; elsewhere give process 0's host:port, the count and each process's id.
+    config.parallel.distributed = False
+    config.parallel.coordinator_address = ""  # "" = detected; else host:port of process 0
+    config.parallel.num_processes = 0  # 0 = detected
+    config.parallel.process_id = -1  # -1 = detected
+    config.parallel.startup_timeout = 300  # seconds to wait for every process to join
 
     if preset in ("demo", "smoke"):
         small(config, preset)

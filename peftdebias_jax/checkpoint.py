@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from peftdebias_jax import masks
 from peftdebias_jax.errors import CheckpointError, headline
-from peftdebias_jax.files import read_json, staged_directory
+from peftdebias_jax.files import read_json, staged_directory, write_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params
 from peftdebias_jax.models.seams import PATCH_KINDS, Patch
 from peftdebias_jax.peft import sft
@@ -119,10 +119,9 @@ def save_patch(
         "training": training or {},
     }
     with writing(directory, "the patch"), staged_directory(directory) as staging:
-        staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / WEIGHTS, to_host(leaves))
-        (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(staging / PATCH_JSON, info)
     return directory
 
 
@@ -357,7 +356,7 @@ def save_tree(directory: str | Path, tree: Any) -> Path:
     directory = Path(directory).absolute()
     with (
         writing(directory, "a checkpoint"),
-        staged_directory(directory) as staging,
+        staged_directory(directory, create=False) as staging,
         ocp.StandardCheckpointer() as checkpointer,
     ):
         checkpointer.save(staging, to_host(tree))
@@ -413,11 +412,10 @@ def save_sft_patch(
     }
     directory = Path(directory).absolute()
     with writing(directory, "the patch"), staged_directory(directory) as staging:
-        staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             # Orbax keys may not hold "/": the leaf paths are stored as a list instead.
             checkpointer.save(staging / WEIGHTS, {"diff": [diff[k] for k in sorted(diff)]})
-        (staging / PATCH_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(staging / PATCH_JSON, info)
     return directory
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import ConfigError, PeftDebiasError, headline
 from peftdebias_jax.training.interrupts import Interrupted
 
@@ -115,6 +116,8 @@ def traceback_hint(err: BaseException, workdir: Path | None, verbose: bool) -> s
     """The traceback itself (--verbose), or where it was written (workdir/error.log)."""
     text = "".join(traceback.format_exception(err))
     if verbose:
+        return text.rstrip()
+    if not processes.is_writer():  # process 0 alone writes the workdir
         return text.rstrip()
     if workdir is not None and Path(workdir).is_dir():
         try:

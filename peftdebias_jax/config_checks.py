@@ -61,6 +61,7 @@ CHECKS: dict[str, str] = {
     "downstream.num_steps": "non_negative_int",
     "upstream.head_warmup_steps": "non_negative_int",
     "evaluate.batch_size": "positive_int",
+    "parallel.startup_timeout": "positive_int",
     "bootstrap.resamples": "non_negative_int",
     "upstream.learning_rate": "positive_finite",
     "downstream.learning_rate": "positive_finite",

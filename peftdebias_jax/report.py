@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftdebias_jax import files, processes
 from peftdebias_jax.data import stereotypes, synthetic, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation import bootstrap, scoring
@@ -510,8 +511,7 @@ def plot_group_rates(runs: list[Run], path: Path) -> Path | None:
     ax.set_ylabel(series[0][1])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -540,9 +540,15 @@ def plot_losses(runs: list[Run], path: Path) -> Path | None:
         ax.set_ylabel("loss")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG (by the writing process), then closed."""
+    if processes.is_writer():
+        fig.savefig(path, dpi=100)
+    pyplot().close(fig)
 
 
 # --- documents ------------------------------------------------------------------------
@@ -555,8 +561,7 @@ def optional(title: str, body: str) -> list[str]:
 
 def document(runs: list[Run], out: Path, title: str) -> str:
     """The markdown report of `runs`, with its plots written under out/plots/."""
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    plots = files.make_directory(out / "plots")
     sections = [f"# {title}", "Runs: " + ", ".join(f"{r.name} (`{r.directory}`)" for r in runs)]
     sections += ["## Table 2 layout: downstream task and extrinsic bias", table2(runs)]
     planted = "\n".join(f"- {line}" for line in (planted_bias(r) for r in runs) if line)
@@ -616,7 +621,7 @@ def write(workdir: str | Path) -> Path:
     else:
         text = document(runs_of(workdir), workdir, f"Report: {workdir.name}")
     path = workdir / "report.md"
-    path.write_text(text)
+    files.write_text(path, text)
     return path
 
 
@@ -776,7 +781,7 @@ def compare(workdirs: list[str | Path], out: str | Path) -> Path:
         if names.count(run.name) > 1:
             run.name = f"{run.name} ({where[run.directory]})"
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_directory(out)
     path = out / "compare.md"
-    path.write_text(document(runs, out, "Comparison"))
+    files.write_text(path, document(runs, out, "Comparison"))
     return path

@@ -13,12 +13,14 @@ built-in CDA word lists (`synthetic.WORD_LISTS`), so the demo's patches can swap
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from peftdebias_jax import files
 from peftdebias_jax.data.tasks import Example
 
 # (female, male) phrases: each swaps to the other under the gender CDA list
@@ -114,11 +116,12 @@ def minimal_pairs(axis: str) -> list[dict[str, str]]:
 
 def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
     """The rows as a CrowS-Pairs csv (the official columns `load_crows` reads)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["", *rows[0]])
-        writer.writeheader()
-        writer.writerows({"": i, **row} for i, row in enumerate(rows))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["", *rows[0]])
+    writer.writeheader()
+    writer.writerows({"": i, **row} for i, row in enumerate(rows))
+    files.make_directory(path.parent)
+    files.write_text(path, text.getvalue())
     return path
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftdebias_jax import processes
 from peftdebias_jax.data.pipeline import bucket_lengths
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.evaluation.bootstrap import (
@@ -96,7 +97,9 @@ class MaskedScorer:
         return max(1, min(self.batch_size, self.max_tokens // length))
 
     def log_probs(self, requests: Sequence[tuple[Sequence[int], int, int]]) -> np.ndarray:
-        """requests: (token ids, position to mask, target id) -> log-probabilities."""
+        """requests: (token ids, position to mask, target id) -> log-probabilities (each
+        process of a distributed run scores its share of them)."""
+        total, requests = len(requests), requests[processes.share(len(requests))]
         out = np.zeros(len(requests), np.float64)
         lengths = bucket_lengths(self.max_len)
         by_bucket: dict[int, list[int]] = defaultdict(list)
@@ -122,7 +125,7 @@ class MaskedScorer:
                 attention[rows:, 0] = 1  # filler rows: one attended token, ignored
                 scores = self.score(ids, attention, positions, targets)
                 out[chunk] = np.asarray(scores)[:rows]
-        return out
+        return processes.joined(out, total)
 
 
 # ------------------------------------------------------------------------- CrowS-Pairs
@@ -387,9 +390,11 @@ def load_seat(path: str | Path) -> SeatTest:
 
 
 def sentence_embeddings(module, params, tokenizer, sentences: Sequence[str]) -> np.ndarray:
-    """Mean of the last hidden states over all tokens ([CLS]/[SEP] included), L2-normed."""
+    """Mean of the last hidden states over all tokens ([CLS]/[SEP] included), L2-normed
+    (each process of a distributed run embeds its share of the sentences)."""
     apply = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask).last_hidden_state)
-    out = []
+    total, sentences = len(sentences), list(sentences)[processes.share(len(sentences))]
+    out = [np.zeros((0, module.config.hidden_size))]
     for start in range(0, len(sentences), 64):
         chunk = list(sentences[start : start + 64])
         longest = max(len(ids) for ids in tokenizer(chunk)["input_ids"])
@@ -398,7 +403,7 @@ def sentence_embeddings(module, params, tokenizer, sentences: Sequence[str]) -> 
         hidden = np.asarray(apply(params, batch["input_ids"], batch["attention_mask"]), np.float64)
         mask = batch["attention_mask"][..., None]
         out.append((hidden * mask).sum(1) / mask.sum(1))
-    vectors = np.concatenate(out)
+    vectors = processes.joined(np.concatenate(out), total)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.registry import Registry
 
@@ -178,5 +179,6 @@ def plot(record: dict[str, Any], path) -> None:
     ax.set_title(f"{record['criterion']} scores; selected {record['selected']}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if processes.is_writer():
+        fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,8 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import CheckpointError, ConfigError
-from peftdebias_jax.files import staged_directory
+from peftdebias_jax.files import staged_directory, write_json
 from peftdebias_jax.models.config import EncoderConfig, read_config_json
 from peftdebias_jax.models.model import EncoderModel, abstract_params, init_leaves, init_params
 from peftdebias_jax.models.seams import Patch
@@ -268,7 +268,6 @@ def save_pretrained(
     from safetensors.numpy import save_file
 
     with staged_directory(directory) as staging:
-        staging.mkdir()
         scopes = [f".{p.scope}." for p in module.patches]
         state = {
             key: np.asarray(value, np.float32)
@@ -278,13 +277,14 @@ def save_pretrained(
         for head in ("cls.predictions", "lm_head"):  # an untied decoder's bias, under both names
             if f"{head}.decoder.bias" in state and f"{head}.bias" not in state:
                 state[f"{head}.bias"] = state[f"{head}.decoder.bias"]
-        save_file(state, staging / "model.safetensors")
         config = module.config.to_hf_dict()
         config["architectures"] = [TWIN_CLASSES[(module.config.model_type, module.head)]]
         if module.head == "classifier":
             config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_labels)}
             config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_labels)}
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if processes.is_writer():
+            save_file(state, staging / "model.safetensors")
+            write_json(staging / "config.json", config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
     return Path(directory).absolute()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ml_collections
 
-from peftdebias_jax import config_checks, files, trainable_sets
+from peftdebias_jax import config_checks, files, processes, trainable_sets
 from peftdebias_jax import report as report_md
 from peftdebias_jax.data import cda, splits, tasks
 from peftdebias_jax.data.records import DataError
@@ -211,8 +211,10 @@ def run(
         run_seeds(config, Path(workdir), verbose, rerun)
         return
     workdir = Path(workdir)
+    processes.start(config.parallel)
     again = check(config, workdir, rerun)
-    workdir.mkdir(parents=True, exist_ok=True)
+    processes.sync("checked")  # every process has read the workdir before it changes
+    files.make_directory(workdir)
     for repair in files.recover_staged(workdir):  # what a killed save left behind
         log.info("workdir: %s", repair)
     for removed in provenance.clear(workdir, sorted(again)):
@@ -220,16 +222,24 @@ def run(
     resolved = json.dumps(config.to_dict(), indent=2, default=str)
     if verbose:
         print("resolved config:\n" + resolved)
-    (workdir / "config.json").write_text(resolved + "\n")
+    files.write_text(workdir / "config.json", resolved + "\n")
     print(f"workdir: {workdir} (resolved config: {workdir / 'config.json'}); phases: "
           f"{', '.join(config.phases)}")  # fmt: skip
     if builds_its_base(config):
-        pretrain.pretrain(config, workdir)
+        in_step(pretrain.pretrain, config, workdir, "pretrain")
     for name in config.phases:
         provenance.mark(config, workdir, name, "started")
-        PHASES[name](config, workdir)
+        in_step(PHASES[name], config, workdir, name)
         provenance.mark(config, workdir, name, "finished")
     print(f"workdir: {workdir}")
+
+
+def in_step(phase: Callable, config: ml_collections.ConfigDict, workdir: Path, name: str) -> None:
+    """Runs a phase with every process of a distributed run starting it together (after
+    what the writer wrote before) and leaving it together (after what it wrote)."""
+    processes.sync(f"{workdir}: {name} begins")
+    phase(config, workdir)
+    processes.sync(f"{workdir}: {name} ends")
 
 
 def check(config: ml_collections.ConfigDict, workdir: Path, rerun) -> set[str]:
@@ -270,6 +280,7 @@ def run_seeds(
     """The config once per seed of `config.seeds` (config.seed set, in `seed-<n>/`; a
     finished seed is skipped phase by phase as any rerun), then report.md across them.
     Every seed is checked before the first one runs."""
+    processes.start(config.parallel)
     seeds = [int(s) for s in config.seeds]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config.seeds: {seeds} repeats a seed")
@@ -279,12 +290,13 @@ def run_seeds(
         single.seed, single.seeds = seed, ()
         check(single, report_md.seed_dir(workdir, seed), rerun)
         singles.append(single)
-    workdir.mkdir(parents=True, exist_ok=True)
-    resolved = json.dumps(config.to_dict(), indent=2, default=str)
-    (workdir / "config.json").write_text(resolved + "\n")
+    processes.sync("checked every seed")
+    files.make_directory(workdir)
+    files.write_json(workdir / "config.json", config.to_dict())
     for seed, single in zip(seeds, singles, strict=True):
         print(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===")
         run(single, report_md.seed_dir(workdir, seed), verbose, rerun)
     path = report_md.write(workdir)
+    processes.sync(f"{workdir}: report")
     print(path.read_text())
     print(f"report across seeds: {path}\nworkdir: {workdir}")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from peftdebias_jax import checkpoint, masks
+from peftdebias_jax import checkpoint, files, masks
 from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.importance import bias_scores as bs
@@ -76,8 +76,8 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         scores = bs.change_scores(probe_best, params, criterion)
     candidates = config.beft.candidates
     record = bs.summary(scores, criterion, bs.select(scores, candidates), candidates)
-    (workdir / "plots").mkdir(exist_ok=True)
+    files.make_directory(workdir / "plots")
     bs.plot(record, workdir / "plots" / "bias_scores.png")
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_json(out, record)
     log.info("bias_select: ranking %s; selected %s", record["ranking"], record["selected"])
     return record

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from peftdebias_jax import models, peft
+from peftdebias_jax import files, models, peft, processes
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation import bootstrap
@@ -74,11 +74,13 @@ def tokenizer_for(
     if config.model.init != "random":
         return models.load_tokenizer(config.model.name)
     directory = workdir / "tokenizer"
-    if not directory.exists():
+    if not files.exists_for_all(directory):
         if texts is None:
             raise ConfigError(f"{workdir}: no tokenizer; run the upstream phase first")
-        vocab_size = config.model.tokenizer_vocab_size
-        train_wordpiece(texts, vocab_size, extra_words).save_pretrained(directory)
+        built = train_wordpiece(texts, config.model.tokenizer_vocab_size, extra_words)
+        if processes.is_writer():
+            built.save_pretrained(directory)
+        processes.sync(f"tokenizer {directory}")
     return models.load_tokenizer(directory)
 
 
@@ -93,11 +95,12 @@ def random_architecture(config: ml_collections.ConfigDict, tokenizer=None) -> mo
 def sub_run(config: ml_collections.ConfigDict, workdir: Path, name: str) -> tuple:
     """(config copy, directory) of a run inside this one (the FT baseline, the BEFT probe):
     random-init runs share this run's tokenizer, hence its initial weights."""
-    sub = Path(workdir) / name
-    sub.mkdir(parents=True, exist_ok=True)
+    sub = files.make_directory(Path(workdir) / name)
     shared = Path(workdir) / "tokenizer"
-    if config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists():
+    copy = config.model.init == "random" and shared.exists() and not (sub / "tokenizer").exists()
+    if copy and processes.is_writer():
         shutil.copytree(shared, sub / "tokenizer")
+    processes.sync(f"sub-run {sub}")
     return config.copy_and_resolve_references(), sub
 
 

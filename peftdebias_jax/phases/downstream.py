@@ -22,14 +22,14 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, peft, trainable_sets
+from peftdebias_jax import checkpoint, files, masks, peft, trainable_sets
 from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation.scoring import score_split
 from peftdebias_jax.importance import fisher
 from peftdebias_jax.phases import common
 from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
-from peftdebias_jax.training import parallel, steps
+from peftdebias_jax.training import steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState
 from peftdebias_jax.training.trainer import Optimizer, build_trainer
@@ -106,10 +106,9 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
     dn = config.downstream
     done = workdir / "downstream.done.json"
-    if done.exists():
+    if files.exists_for_all(done):
         log.info("downstream already finished (%s); delete it to run again", done)
         return json.loads(done.read_text())
-    parallel.initialize_distributed(config.parallel.distributed)
     task = tasks.get(dn.task)
     data = splits.load_task_data(config, task)
     labels = data["labels"]
@@ -217,15 +216,15 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     if "test" in data:
         evaluations["test"] = (task, data["test"])
     evaluations.update(data["extra"])
-    (workdir / "predictions").mkdir(exist_ok=True)
+    files.make_directory(workdir / "predictions")
     for name, (split_task, examples) in evaluations.items():
         prepared = validation if name == "validation" else prepare(examples)
         predicted = predict(device_state, prepared)
         results[name] = score_split(split_task, labels, examples, predicted, dn.groups,
                                     common.bootstrap_settings(config))  # fmt: skip
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
-    done.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (workdir / "downstream_results.json").write_text(json.dumps(results, indent=2, default=str))
+    files.write_json(done, results)
+    files.write_json(workdir / "downstream_results.json", results)
     print_results(results)
     return results
 
@@ -241,7 +240,7 @@ def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     plain.downstream.base_model = ""
     plain.downstream.trainable = "all"
     plain.phases = ("downstream",)
-    (sub / "config.json").write_text(json.dumps(plain.to_dict(), indent=2, default=str) + "\n")
+    files.write_json(sub / "config.json", plain.to_dict())
     return downstream(plain, sub)
 
 
@@ -258,7 +257,7 @@ def transfer(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         )
     _, sub = sub_run(config, workdir, "transfer")
     moved = transfer_config(config, patches)
-    (sub / "config.json").write_text(json.dumps(moved.to_dict(), indent=2, default=str) + "\n")
+    files.write_json(sub / "config.json", moved.to_dict())
     results = downstream(moved, sub)
     baseline(moved, sub)
     return results
@@ -280,13 +279,15 @@ def transfer_config(
 
 
 def write_predictions(path: Path, examples, labels, predicted: np.ndarray) -> None:
-    with path.open("w") as f:
-        for i, (example, p) in enumerate(zip(examples, predicted, strict=True)):
-            f.write(json.dumps({
-                "index": i, "id": example.id, "text": example.text,
-                "text_pair": example.text_pair, "gold": example.label,
-                "predicted": labels[int(p)], "group": example.group,
-            }) + "\n")  # fmt: skip
+    lines = [
+        json.dumps({
+            "index": i, "id": example.id, "text": example.text,
+            "text_pair": example.text_pair, "gold": example.label,
+            "predicted": labels[int(p)], "group": example.group,
+        }) + "\n"
+        for i, (example, p) in enumerate(zip(examples, predicted, strict=True))
+    ]  # fmt: skip
+    files.write_text(path, "".join(lines))
 
 
 def print_results(results: dict[str, Any]) -> None:

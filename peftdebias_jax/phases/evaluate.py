@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from peftdebias_jax import checkpoint, models
+from peftdebias_jax import checkpoint, files, models, processes
 from peftdebias_jax.data import stereotypes
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import ConfigError
@@ -40,29 +40,31 @@ log = logging.getLogger(__name__)
 
 def benchmark_files(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ec = config.evaluate
-    files: dict[str, Any] = {"crows": Path(ec.crows_file)} if ec.crows_file else {}
+    benchmarks: dict[str, Any] = {"crows": Path(ec.crows_file)} if ec.crows_file else {}
     if ec.stereoset_file:
-        files["stereoset"] = Path(ec.stereoset_file)
+        benchmarks["stereoset"] = Path(ec.stereoset_file)
     if ec.seat_dir:
         directory = Path(ec.seat_dir)
         names = ec.seat_tests or sorted(p.name for p in directory.glob("*.jsonl"))
-        files["seat"] = [directory / (n if n.endswith(".jsonl") else f"{n}.jsonl") for n in names]
-    for name, value in files.items():
+        benchmarks["seat"] = [
+            directory / (n if n.endswith(".jsonl") else f"{n}.jsonl") for n in names
+        ]
+    for name, value in benchmarks.items():
         for path in value if isinstance(value, list) else [value]:
             if not path.exists():
                 raise DataError(f"{path}: {name} file not found (config.evaluate)")
-    return files
+    return benchmarks
 
 
 def check_benchmarks(config: ml_collections.ConfigDict) -> None:
     """The configured CrowS-Pairs, StereoSet and SEAT files parse and the minimal-pair axes
     exist: checked before anything trains, so a bad benchmark file costs no training."""
-    files = benchmark_files(config)
-    if "crows" in files:
-        intrinsic.load_crows(files["crows"], config.evaluate.crows_bias_type or None)
-    if "stereoset" in files:
-        intrinsic.load_stereoset(files["stereoset"])
-    for path in files.get("seat", []):
+    benchmarks = benchmark_files(config)
+    if "crows" in benchmarks:
+        intrinsic.load_crows(benchmarks["crows"], config.evaluate.crows_bias_type or None)
+    if "stereoset" in benchmarks:
+        intrinsic.load_stereoset(benchmarks["stereoset"])
+    for path in benchmarks.get("seat", []):
         intrinsic.load_seat(path)
     for axis in config.evaluate.minimal_pairs:
         try:
@@ -78,15 +80,16 @@ def pair_sets(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pat
     """{result key: CrowS-Pairs-format csv}: the configured CrowS-Pairs file and the
     generated minimal pairs of each axis in evaluate.minimal_pairs (written to the
     workdir's minimal_pairs/, held-out templates of data.stereotypes)."""
-    files = {"crows": Path(config.evaluate.crows_file)} if config.evaluate.crows_file else {}
+    benchmarks = {"crows": Path(config.evaluate.crows_file)} if config.evaluate.crows_file else {}
     for axis in config.evaluate.minimal_pairs:
         try:
             rows = stereotypes.minimal_pairs(axis)
         except ValueError as err:
             raise ConfigError(f"config.evaluate.minimal_pairs: {err}") from None
-        files[f"pairs_{axis}"] = stereotypes.write_pairs(workdir / "minimal_pairs" / f"{axis}.csv",
-                                                         rows)  # fmt: skip
-    return files
+        path = workdir / "minimal_pairs" / f"{axis}.csv"
+        benchmarks[f"pairs_{axis}"] = stereotypes.write_pairs(path, rows)
+    processes.sync(f"minimal pairs in {workdir}")  # written by process 0, read by all
+    return benchmarks
 
 
 def mlm_models(config, workdir: Path) -> tuple[Any, dict[str, tuple[Any, dict]]]:
@@ -123,17 +126,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
     bootstrap interval, and each patched variant's CrowS-Pairs change against the base
     with a paired interval (the same pairs resampled for both)."""
     ec = config.evaluate
-    files = benchmark_files(config)
+    benchmarks = benchmark_files(config)
     settings = bootstrap_settings(config)
     results: dict[str, Any] = {"intrinsic": {}, "bootstrap": settings.record()}
     pairs = pair_sets(config, workdir)
-    if files or pairs:
+    if benchmarks or pairs:
         tokenizer, variants = mlm_models(config, workdir)
         outcomes: dict[str, dict[str, list[dict[str, Any]]]] = {key: {} for key in pairs}
         loaded = {key: intrinsic.load_crows(path, (ec.crows_bias_type or None)
                                             if key == "crows" else None)
                   for key, path in pairs.items()}  # fmt: skip
-        items = intrinsic.load_stereoset(files["stereoset"]) if "stereoset" in files else []
+        items = (
+            intrinsic.load_stereoset(benchmarks["stereoset"]) if "stereoset" in benchmarks else []
+        )
         for name, (module, params) in variants.items():
             scores: dict[str, Any] = {}
             for key, pair_list in loaded.items():
@@ -145,9 +150,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
                         outcomes[key]["base"], outcomes[key][name], settings
                     )
                 prefix = "crows_pairs" if key == "crows" else key
-                with (workdir / f"{prefix}_{name.replace(':', '_')}.jsonl").open("w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in outcomes[key][name])
-            if "stereoset" in files:
+                files.write_text(
+                    workdir / f"{prefix}_{name.replace(':', '_')}.jsonl",
+                    "".join(json.dumps(row) + "\n" for row in outcomes[key][name]),
+                )
+            if "stereoset" in benchmarks:
                 by_domain, item_scores = intrinsic.stereoset(
                     module, params, tokenizer, items, ec.batch_size
                 )
@@ -158,10 +165,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
                             statistic, len(items), settings
                         )
                 scores["stereoset"] = by_domain
-            if "seat" in files:
+            if "seat" in benchmarks:
                 base = module.clone(head="none")
                 scores["seat"] = intrinsic.seat(
-                    base, params, tokenizer, files["seat"], ec.seat_samples, settings
+                    base, params, tokenizer, benchmarks["seat"], ec.seat_samples, settings
                 )
                 scores["seat_mean_abs"] = intrinsic.mean_abs_effect(scores["seat"], settings.level)
             results["intrinsic"][name] = scores
@@ -169,9 +176,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
     downstream = workdir / "downstream_results.json"
     if downstream.exists():
         results["extrinsic"] = json.loads(downstream.read_text())
-    (workdir / "evaluation.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    files.write_json(workdir / "evaluation.json", results)
     table = markdown_table(results, config.evaluate.stereoset_domain)
-    (workdir / "evaluation.md").write_text(table + "\n")
+    files.write_text(workdir / "evaluation.md", table + "\n")
     print(table)
     return results
 

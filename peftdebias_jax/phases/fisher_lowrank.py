@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks
+from peftdebias_jax import checkpoint, files, masks
 from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.evaluation.extrinsic import example_groups
 from peftdebias_jax.importance import fisher, lowrank
@@ -88,6 +88,6 @@ def fisher_lowrank(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         saved["influence_mask"] = unflat(influence)
     checkpoint.save_tree(workdir / "fisher", saved)
     checkpoint.save_tree(workdir / "lowrank", {"factors": [factors[k] for k in sorted(factors)]})
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_json(out, record)
     log.info("fisher_lowrank: %s", {k: record[k] for k in ("group_sizes", "overlap_at_1pct")})
     return record

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from peftdebias_jax import checkpoint, masks, models
+from peftdebias_jax import checkpoint, files, masks, models, processes
 from peftdebias_jax.data import pipeline, stereotypes, synthetic
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
@@ -97,7 +97,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     models.save_pretrained(staging, module, best, tokenizer)
     record = {"settings": settings_of(config), "best": selection.to_record(),
               "corpus": {"train": len(train), "validation": len(validation)}}  # fmt: skip
-    (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    staging.rename(output)  # complete, with its record, or absent
+    files.write_json(staging / RECORD, record)
+    if processes.is_writer():
+        staging.rename(output)  # complete, with its record, or absent
+    processes.sync(f"base {output}")
     log.info("pretrain: the stereotyped base is in %s (best eval loss %s)", output, selection.best)
     return output

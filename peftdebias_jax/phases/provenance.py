@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.files import read_json
 
@@ -120,14 +121,15 @@ def check(config: ml_collections.ConfigDict, workdir: Path, rerun: set[str]) -> 
 
 
 def clear(workdir: Path, phases: list[str]) -> list[str]:
-    """Removes each phase's outputs and record, so that it runs again; what was removed."""
-    removed = []
+    """Removes each phase's outputs and record, so that it runs again; what was removed
+    (by the writing process; the others only list it)."""
+    removed, writer = [], processes.is_writer()
     for phase in phases:
         for pattern in OUTPUTS.get(phase, ()):
             for path in sorted(Path(workdir).glob(pattern)):
-                if path.is_dir():
+                if writer and path.is_dir():
                     shutil.rmtree(path)
-                else:
+                elif writer:
                     path.unlink()
                 removed.append(str(path))
     records = read(workdir)
@@ -147,6 +149,8 @@ def mark(config: ml_collections.ConfigDict, workdir: Path, phase: str, state: st
 
 
 def write(workdir: Path, records: dict[str, Any]) -> None:
+    if not processes.is_writer():
+        return
     path = Path(workdir) / RECORD
     staged = path.with_name(path.name + ".tmp")
     staged.write_text(json.dumps(records, indent=2, default=str) + "\n")

@@ -4,7 +4,6 @@ training) and SFT (dense, then sparse) are configurations of it."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, masks, models, trainable_sets
+from peftdebias_jax import checkpoint, files, masks, models, trainable_sets
 from peftdebias_jax.data import cda, pipeline, records, sampling, stereotypes, synthetic
 from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.errors import ConfigError
@@ -26,7 +25,7 @@ from peftdebias_jax.phases.common import (
     sub_run,
     tokenizer_for,
 )
-from peftdebias_jax.training import parallel, steps
+from peftdebias_jax.training import steps
 from peftdebias_jax.training.loop import FitSettings, Selection, fit
 from peftdebias_jax.training.state import TrainState
 from peftdebias_jax.training.trainer import Optimizer, build_trainer
@@ -181,7 +180,7 @@ def warm_up_head(
     module, params = model
     head_dir, done = workdir / "head_warmup", workdir / "upstream_head.done.json"
     rules = [*masks.mlm_head_rules(module.config.model_type), (".*", masks.FREEZE)]
-    if not done.exists():
+    if not files.exists_for_all(done):
         plain = module.clone(patches=())
         own = models.patch_paths(module)
         flat = traverse_util.flatten_dict(params)
@@ -201,10 +200,10 @@ def warm_up_head(
 
         final, selection = train_mlm(warm, workdir, (plain, plain_params), label_tree, tokenizer,
                                      sequences, "upstream_head", on_best=keep)  # fmt: skip
-        if not head_dir.exists():
+        if not files.exists_for_all(head_dir):
             keep(final, int(final.step), {})
         record = {"steps": int(final.step), "best": selection.to_record()}
-        done.write_text(json.dumps(record, indent=2) + "\n")
+        files.write_json(done, record)
         log.info("MLM head warm-up done: best eval loss %s", selection.best)
     rest = masks.split(params, masks.labels(params, rules))[1]
     return masks.merge(checkpoint.load_tree(head_dir), rest)
@@ -223,10 +222,9 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     sparse = config.patch.method == "sft"
     done = workdir / "upstream.done.json"
     product = workdir / ("dense_model" if up.dense else "patch")
-    if done.exists() and product.exists():
+    if files.exists_for_all(done) and files.exists_for_all(product):
         log.info("upstream already finished (%s); delete it to run again", done)
         return product
-    parallel.initialize_distributed(config.parallel.distributed)
     spec = patch_spec(config)
     if up.dense and (spec or sparse):
         raise ConfigError("config.upstream.dense trains the whole encoder: set patch.method 'none'")
@@ -260,7 +258,7 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
             config, workdir, (module, params), label_tree, tokenizer, sequences, base_name
         )
         summary["sampled"] = sampled
-        done.write_text(json.dumps(summary, indent=2) + "\n")
+        files.write_json(done, summary)
         return product
 
     def export(directory: Path, state: TrainState, step: int, results: dict) -> None:
@@ -284,11 +282,11 @@ def upstream(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     )  # fmt: skip
     if not up.dense:
         export(workdir / "patch_final", final, int(final.step), {})
-    if not product.exists():
+    if not files.exists_for_all(product):
         export(product, final, int(final.step), {})
     summary = {"steps": int(final.step), "best": selection.to_record(), "product": str(product),
                "sampled": sampled}  # fmt: skip
-    done.write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_json(done, summary)
     log.info("upstream done: best eval loss %s at step %s", selection.best, selection.best_step)
     return product
 
@@ -315,12 +313,12 @@ def sparse_upstream(
         checkpoint.save_tree(best_dense, masks.split(state.params, label_tree)[0])
         models.save_pretrained(workdir / "dense_model", module, state.params, tokenizer)
 
-    if not (workdir / "upstream_dense.done.json").exists():
+    if not files.exists_for_all(workdir / "upstream_dense.done.json"):
         _, dense_selection = train_mlm(
             config, workdir, model, label_tree, tokenizer, sequences, "upstream_dense", keep_dense
         )
         record = {"best": dense_selection.to_record()}
-        (workdir / "upstream_dense.done.json").write_text(json.dumps(record, indent=2) + "\n")
+        files.write_json(workdir / "upstream_dense.done.json", record)
     paths = sft.maskable_paths(params, label_tree, module.config.base_name)
     initial = traverse_util.flatten_dict(params)
     best = traverse_util.flatten_dict(checkpoint.load_tree(best_dense))
@@ -328,10 +326,10 @@ def sparse_upstream(
     selected = sft.select_top_k({p: np.asarray(best[p]) - np.asarray(initial[p]) for p in paths}, k)
     checkpoint.save_tree(workdir / "sft_mask", traverse_util.unflatten_dict(selected))
     per_leaf = {"/".join(p): int(m.sum()) for p, m in selected.items()}
-    (workdir / "sft_selection.json").write_text(json.dumps(
-        {"fraction": fraction, "k": k, "selected": sum(per_leaf.values()),
-         "maskable": sum(int(np.size(initial[p])) for p in paths), "per_leaf": per_leaf},
-        indent=2) + "\n")  # fmt: skip
+    maskable = sum(int(np.size(initial[p])) for p in paths)
+    files.write_json(workdir / "sft_selection.json",
+                     {"fraction": fraction, "k": k, "selected": sum(per_leaf.values()),
+                      "maskable": maskable, "per_leaf": per_leaf})  # fmt: skip
     log.info("SFT: %d of the encoder's entries selected (k=%d)", sum(per_leaf.values()), k)
     print(masks.summary(params, label_tree, selected))  # the sparse phase's trainable entries
 
@@ -350,7 +348,7 @@ def sparse_upstream(
         entries=selected,
     )  # fmt: skip
     export(workdir / "patch_final", final, int(final.step), {})
-    if not (workdir / "patch").exists():
+    if not files.exists_for_all(workdir / "patch"):
         export(workdir / "patch", final, int(final.step), {})
     return {"steps": int(final.step), "best": selection.to_record(), "k": k,
             "product": str(workdir / "patch")}  # fmt: skip
@@ -365,5 +363,5 @@ def cross_axis(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     other.axis = config.cross_axis.axis
     other.upstream.word_list_key = config.cross_axis.word_list_key
     other.phases = ("upstream",)
-    (sub / "config.json").write_text(json.dumps(other.to_dict(), indent=2, default=str) + "\n")
+    files.write_json(sub / "config.json", other.to_dict())
     return upstream(other, sub)

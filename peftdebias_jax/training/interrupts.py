@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import PeftDebiasError
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
@@ -71,6 +72,8 @@ def listening() -> Iterator[None]:
 
 
 def take() -> int | None:
-    """The signal number a listening loop should stop for (then forgotten), or None."""
+    """The signal number a listening loop should stop for (then forgotten), or None. Every
+    process of a distributed run gets the same answer (a signal any of them received), so
+    all stop after the same step."""
     signum, REQUESTS.signum = REQUESTS.signum, None
-    return signum
+    return processes.largest(signum or 0) or None

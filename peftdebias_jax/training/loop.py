@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from peftdebias_jax import masks
+from peftdebias_jax import masks, processes
 from peftdebias_jax.checkpoint import TrainCheckpoints
 from peftdebias_jax.data.pipeline import Batches
 from peftdebias_jax.errors import CheckpointError, ConfigError, PeftDebiasError, headline
@@ -107,19 +107,23 @@ class TrainClock:
 
 
 class MetricsLog:
-    """Appends JSON lines (one per log or evaluation, with the phase name) to a file."""
+    """Appends JSON lines (one per log or evaluation, with the phase name) to a file; only
+    the writing process of a distributed run touches it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.writer = processes.is_writer()
 
     def write(self, **values: Any) -> None:
+        if not self.writer:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(values) + "\n")
 
     def cut_back(self, phase: str, step: int) -> None:
         """Drops `phase`'s records past `step` (and a torn last line): what a resumed run
         from `step` writes again."""
-        if not self.path.exists():
+        if not self.writer or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -223,7 +227,7 @@ def fit(
 
     device_state = runner.put_state(state)
     position = (epoch, index)
-    progress = Progress(settings.num_steps, start, settings.name)
+    progress = Progress(settings.num_steps, start, settings.name, quiet=not processes.is_writer())
     pending: list[tuple[int, int, Any]] = []  # (first step, count, stacked metrics)
     clock = TrainClock(runner)
 

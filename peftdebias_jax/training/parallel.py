@@ -16,19 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from peftdebias_jax import processes
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.training import memory, steps
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "single", "jit", "pmap")
 AXIS = "data"
-
-
-def initialize_distributed(enabled: bool) -> None:
-    """Multi-host runs: connect the processes (coordinator from the environment)."""
-    if enabled and jax.process_count() == 1:
-        jax.distributed.initialize()
-        log.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
 def resolve_mode(mode: str) -> str:
@@ -45,6 +39,11 @@ class Runner:
 
     def __init__(self, mode: str, batch_size: int, field: str = "batch_size") -> None:
         self.mode = resolve_mode(mode)
+        if self.mode == "single" and processes.count() > 1:
+            raise ConfigError(
+                f"config.parallel.mode='single' runs on one device, and this run has "
+                f"{processes.count()} processes: use 'jit' or 'pmap' (or 'auto')"
+            )
         self.devices = jax.devices()
         count = len(self.devices) if self.mode != "single" else 1
         if batch_size % count:
@@ -172,10 +171,12 @@ class Runner:
         return jax.device_put(shards, self.sharded)
 
     def gather_rows(self, outputs: Any) -> Any:
-        """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices)."""
+        """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices,
+        then processes; jit returns them whole to every process)."""
         outputs = jax.device_get(outputs)
         if self.mode == "pmap":
-            return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+            local = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+            return processes.all_rows(local)
         return outputs
 
     def get_metrics(self, metrics: Any) -> Any:

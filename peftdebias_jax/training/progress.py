@@ -14,10 +14,11 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Call `update` every few steps; `close` ends the line."""
+    """Call `update` every few steps; `close` ends the line. `quiet`: compute, draw nothing
+    (the processes of a distributed run other than process 0)."""
 
-    def __init__(self, total: int, start: int, name: str, stream=None) -> None:
-        self.total, self.start, self.name = total, start, name
+    def __init__(self, total: int, start: int, name: str, stream=None, quiet: bool = False) -> None:
+        self.total, self.start, self.name, self.quiet = total, start, name, quiet
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.began: float | None = None  # set at the first update: compiling is not counted
@@ -39,12 +40,12 @@ class Progress:
             f"{self.name} step {step}/{self.total} | {shown} | {rate:.1f} ex/s | "
             f"ETA {format_seconds(eta)}"
         )
-        end = "\r" if self.tty else "\n"
-        self.stream.write(line + end)
-        self.stream.flush()
+        if not self.quiet:
+            self.stream.write(line + ("\r" if self.tty else "\n"))
+            self.stream.flush()
         return line
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             self.stream.write("\n")
             self.stream.flush()
