@@ -39,10 +39,11 @@ class Runner:
 
     def __init__(self, mode: str, batch_size: int, field: str = "batch_size") -> None:
         self.mode = resolve_mode(mode)
-        if self.mode == "single" and processes.count() > 1:
+        if self.mode in ("single", "pmap") and processes.count() > 1:
             raise ConfigError(
-                f"config.parallel.mode='single' runs on one device, and this run has "
-                f"{processes.count()} processes: use 'jit' or 'pmap' (or 'auto')"
+                f"config.parallel.mode={self.mode!r} runs on one process's devices, and this "
+                f"run has {processes.count()} processes: use 'jit' (or 'auto'), which shards "
+                "every batch over all of their devices"
             )
         self.devices = jax.devices()
         count = len(self.devices) if self.mode != "single" else 1
