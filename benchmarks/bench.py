@@ -10,8 +10,9 @@ For every case both sides run in their own worker process (so each peak RSS is i
 take `--warmup` single steps, then `--calls` timed rounds interleaved A B A B: in each
 round a side runs `--steps-per-call` steps (ours in one compiled call, as the training loop
 runs them with the configs' `steps_per_call`; the reference one by one) and reports the
-time per step. Written to benchmarks/results/<device>-<date>.json and printed as a
-markdown table.
+time per step. Written to benchmarks/results/<device>-<date>.json (on a CPU the device
+names its kind, e.g. cpu-2core-avx2; the record holds the CPU model and its vector and
+matrix extensions, `cpu_kind`) and printed as a markdown table headed by the CPU.
 
 FLOPs per training step (the same useful work credited to both sides; patch FLOPs, <1%,
 left out): forward F = layers * (2 T (4 h^2 + 2 h i) + 4 B S^2 h) + 2 B P h (h + V), with
@@ -35,6 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import cpu_kind  # noqa: E402
 import sides  # noqa: E402  (the workers' module: shapes, the crows checkpoint)
 
 CASES = ("upstream_seq_bn", "upstream_lora", "upstream_prefix", "downstream_ft", "crows")
@@ -169,11 +171,14 @@ def device_name() -> str:
         pass
     import os
 
-    return f"cpu-{os.cpu_count()}core"
+    return f"cpu-{os.cpu_count()}core-{cpu_kind.describe()['tag']}"
 
 
 def markdown(record: dict) -> str:
+    cpu = record["machine"].get("cpu", {}).get("label", record["machine"].get("processor"))
     lines = [
+        f"{record['device']}, CPU: {cpu}, {record['settings']['dtype']}",
+        "",
         "| case | ours ex/s | reference ex/s | ours / reference | ours step s (min-max) | "
         "reference step s (min-max) | ours compile s | ours GFLOP/s (% peak) | "
         "reference GFLOP/s (% peak) | peak RSS MB ours / ref | optimizer state MB ours / ref |",
@@ -251,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "cpu": cpu_kind.describe(),
             "python": platform.python_version(),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
