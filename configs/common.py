@@ -135,6 +135,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.upstream.eval_every = 1_000
     config.upstream.log_every = 50
     config.upstream.checkpoint_every = 1_000
+    config.upstream.keep_checkpoints = 2  # the newest resumable states kept (the best: patch/)
     # steps per compiled call: one dispatch and one XLA scratch allocation for that many steps
     # (on CPU each call page-faults its 1-2 GB scratch in again); calls stop at log, eval and
     # checkpoint steps, so results are the same for any value
@@ -181,6 +182,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.eval_every = 5_000 if gender else 1_000
     config.downstream.log_every = 50
     config.downstream.checkpoint_every = 1_000
+    config.downstream.keep_checkpoints = 2  # the newest kept (the best: downstream_best/)
     config.downstream.steps_per_call = 10  # as config.upstream.steps_per_call
     config.downstream.bucket_run_length = 10  # as config.upstream.bucket_run_length
     # loss weight per class: "auto" (hate tasks: the largest class count of the training

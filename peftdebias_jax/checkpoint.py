@@ -313,6 +313,10 @@ class TrainCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def disk_bytes(self) -> int:
+        """Bytes of the files under the checkpoint directory."""
+        return sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
+
     def discard(self, step: int) -> None:
         """Deletes the checkpoint of `step` (one that does not restore)."""
         self.manager.delete(step)

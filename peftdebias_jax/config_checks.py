@@ -62,6 +62,8 @@ CHECKS: dict[str, str] = {
     "upstream.head_warmup_steps": "non_negative_int",
     "evaluate.batch_size": "positive_int",
     "parallel.startup_timeout": "positive_int",
+    "upstream.keep_checkpoints": "positive_int",
+    "downstream.keep_checkpoints": "positive_int",
     "bootstrap.resamples": "non_negative_int",
     "upstream.learning_rate": "positive_finite",
     "downstream.learning_rate": "positive_finite",

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +211,19 @@ def test_headless_base_gets_a_head_warm_up_first(tmp_path, monkeypatch):
     config.model.name = str(headless_checkpoint(tmp_path, config, head="mlm"))
     assert not phases.upstream.needs_head_warmup(config)
     assert not phases.upstream.needs_head_warmup(smoke(tmp_path, "race_adapter"))  # random init
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_configured_number_of_checkpoints_is_kept_and_their_disk_use_logged(
+    tmp_path, caplog, keep
+):
+    config = smoke(tmp_path, num_steps=6, eval_every=100, checkpoint_every=1, log_every=6,
+                   keep_checkpoints=keep)  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        phases.upstream.upstream(config, tmp_path)
+    kept = checkpoint.TrainCheckpoints(tmp_path / "checkpoints" / "upstream").all_steps()
+    assert kept == list(range(7 - keep, 7))
+    saved = [
+        r.getMessage() for r in caplog.records if "checkpoint of step 6 saved" in r.getMessage()
+    ]
+    assert saved and f"{keep} kept" in saved[0] and " MB in " in saved[0], saved

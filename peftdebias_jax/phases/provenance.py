@@ -38,7 +38,9 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 }
 # keys that cannot change results: cadence of logs and checkpoints, how steps are grouped
 # into compiled calls (the same result for any value), device layout, vmap chunking
-IGNORED = re.compile(r"\.(log_every|checkpoint_every|steps_per_call)$|^parallel\.|^fisher\.chunk$")
+IGNORED = re.compile(
+    r"\.(log_every|checkpoint_every|keep_checkpoints|steps_per_call)$|^parallel\.|^fisher\.chunk$"
+)
 # what a phase leaves in the workdir (globs), removed by --rerun
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "upstream": (

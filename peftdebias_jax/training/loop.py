@@ -71,18 +71,21 @@ class FitSettings:
     checkpoint_every: int = 1000
     name: str = "train"
     steps_per_call: int = 1  # steps run by one compiled call (steps.repeated)
+    keep_checkpoints: int = 2  # the newest resumable checkpoints kept on disk
     source: str = "settings"  # where the values come from, for errors: "config.upstream"
 
     @classmethod
     def of(cls, section: Any, num_steps: int, name: str, source: str) -> FitSettings:
         """The cadence keys of a config section (`eval_every`, `log_every`,
-        `checkpoint_every`, `steps_per_call`)."""
+        `checkpoint_every`, `steps_per_call`, `keep_checkpoints`: 2 when it has none)."""
         return cls(num_steps=num_steps, eval_every=section.eval_every,
                    log_every=section.log_every, checkpoint_every=section.checkpoint_every,
-                   steps_per_call=section.steps_per_call, source=source, name=name)  # fmt: skip
+                   steps_per_call=section.steps_per_call, source=source, name=name,
+                   keep_checkpoints=section.get("keep_checkpoints", 2))  # fmt: skip
 
     def __post_init__(self) -> None:
-        for key in ("eval_every", "log_every", "checkpoint_every", "steps_per_call"):
+        for key in ("eval_every", "log_every", "checkpoint_every", "steps_per_call",
+                    "keep_checkpoints"):  # fmt: skip
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(
@@ -204,7 +207,7 @@ def fit(
 ) -> tuple[TrainState, Selection | None]:
     """Trains to `settings.num_steps`, resuming from `checkpoint_dir` if it holds a checkpoint.
     `train_step` is a `Runner.compile_repeated` step: it runs up to `steps_per_call` steps."""
-    checkpoints = TrainCheckpoints(checkpoint_dir)
+    checkpoints = TrainCheckpoints(checkpoint_dir, settings.keep_checkpoints)
     metrics_log = MetricsLog(metrics_path)
     epoch = index = 0
     restored = restore_latest_readable(
@@ -303,6 +306,9 @@ def fit(
                     }
                     host_state = runner.get_state(device_state)
                     checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
+                    log.info("%s: checkpoint of step %d saved; %d kept, %.1f MB in %s",
+                             settings.name, done, len(checkpoints.all_steps()),
+                             checkpoints.disk_bytes() / 2**20, checkpoints.directory)  # fmt: skip
                     clock.mark()
                 if signum is not None:
                     raise interrupts.Interrupted(settings.name, done, signum)
