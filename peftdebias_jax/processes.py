@@ -170,10 +170,3 @@ def joined(local: np.ndarray, total: int) -> np.ndarray:
     padded = np.zeros((per, *local.shape[1:]), local.dtype)
     padded[: len(local)] = local
     return np.asarray(multihost_utils.process_allgather(padded, tiled=True))[:total]
-
-
-def all_rows(local: Any) -> Any:
-    """Every process's rows (its part of a batch, leading axis) joined in process order."""
-    if jax.process_count() == 1:
-        return local
-    return multihost_utils.process_allgather(local, tiled=True)

@@ -172,12 +172,11 @@ class Runner:
         return jax.device_put(shards, self.sharded)
 
     def gather_rows(self, outputs: Any) -> Any:
-        """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices,
-        then processes; jit returns them whole to every process)."""
+        """Per-row outputs of a batch as one [batch, ...] host array (pmap: join devices;
+        jit returns them whole to every process)."""
         outputs = jax.device_get(outputs)
         if self.mode == "pmap":
-            local = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
-            return processes.all_rows(local)
+            return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
         return outputs
 
     def get_metrics(self, metrics: Any) -> Any:
