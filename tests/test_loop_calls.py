@@ -146,7 +146,7 @@ def test_logged_throughput_leaves_out_evaluation(tmp_path):
     import time
 
     sequences = [np.arange(1, 9, dtype=np.int32)] * 32  # one bucket: nothing to compile later
-    batches = pipeline.Batches(sequences, 4, 16, 0, 0)
+    batches = pipeline.Batches(sequences, 4, 16, 0, 0, lengths=[16])
     params = toy_model(0)
     label_tree = masks.labels(params, [(".*", "train")])
     tx = masks.optimizer(adamw(1e-2, 40, 1.0), label_tree)
@@ -167,3 +167,7 @@ def test_logged_throughput_leaves_out_evaluation(tmp_path):
     # 5 steps of 4 examples: with the 1 s evaluation counted the rate would be below 20/s
     for step in (15, 25, 35):  # the intervals right after an evaluation
         assert rates[step] > 100, rates
+    # 8 real tokens of 16 in every row: half of what the steps ran on is padding
+    logged = [x for x in lines if "padding" in x]
+    assert len(logged) == 8 and all(x["padding"] == 0.5 for x in logged)
+    assert all(x["real_tokens_per_s"] == pytest.approx(8 * x["examples_per_s"]) for x in logged)

@@ -1,8 +1,9 @@
 """Text -> clean text -> CDA -> token ids -> bucketed, fixed-shape batches.
 
 Every batch of a bucket has the same shape [batch_size, bucket_length], so a jitted step
-compiles once per bucket. The order of training batches is a pure function of
-(seed, epoch): shuffled runs of up to `run_length` batches of one bucket, so that a
+compiles once per bucket; the bucket lengths are fitted to the data's own lengths to waste
+the fewest pad tokens (`fitted_bucket_lengths`). The order of training batches is a pure
+function of (seed, epoch): shuffled runs of up to `run_length` batches of one bucket, so that a
 compiled call of several steps (`next_call`) stacks batches of one shape; a run resumes at
 (epoch, index) with exactly the batches it would have seen. Each batch row carries its
 position in the global batch (`index`, which seeds its training masks), its dataset row
@@ -62,6 +63,40 @@ def bucket_lengths(max_len: int, smallest: int = 16) -> list[int]:
     return [*lengths, max_len]
 
 
+def fitted_bucket_lengths(
+    lengths: Sequence[int], count: int, max_len: int, min_rows: int = 1, multiple: int = 8
+) -> list[int]:
+    """At most `count` bucket lengths (multiples of `multiple`, or `max_len`) that cover every
+    length and pad the fewest tokens in all, each bucket holding at least `min_rows` of them
+    (a batch: no bucket whose only batch is mostly repeated rows, nor a compile for it): an
+    exact dynamic programme over the distinct rounded lengths, so few buckets (few compiles)
+    still waste little on real text."""
+    if count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    rounded = np.minimum(-(-np.asarray(lengths, np.int64) // multiple) * multiple, max_len)
+    values, counts = np.unique(rounded, return_counts=True)
+    if len(lengths) < 2 * min_rows:
+        return [int(values[-1])]
+    before = np.concatenate([[0], np.cumsum(counts)])
+    n, k = len(values), min(count, len(values))
+    # cost[b, j]: fewest padded tokens covering values[:j] with b buckets; last[b, j]: where
+    # the last of those buckets starts
+    cost = np.full((k + 1, n + 1), np.inf)
+    last = np.zeros((k + 1, n + 1), np.int64)
+    cost[0, 0] = 0.0
+    for b in range(1, k + 1):
+        for j in range(1, n + 1):
+            rows = before[j] - before[:j]
+            options = np.where(rows >= min_rows, cost[b - 1, :j] + rows * values[j - 1], np.inf)
+            last[b, j] = int(np.argmin(options))
+            cost[b, j] = options[last[b, j]]
+    b, j, chosen = int(np.argmin(cost[1:, n])) + 1, n, []
+    while j > 0:
+        chosen.append(int(values[j - 1]))
+        j, b = int(last[b, j]), b - 1
+    return sorted(chosen)
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """Which rows form one batch, padded to `length`."""
@@ -84,7 +119,12 @@ class Batches:
         token_types: Sequence[np.ndarray] | None = None,
         labels: Sequence[int] | None = None,
         run_length: int = 1,
+        bucket_count: int = 8,
+        lengths: Sequence[int] | None = None,
     ) -> None:
+        """Buckets: `lengths` when given (e.g. the training set's, so that evaluation reuses
+        its compiled shapes; longer sequences go to `max_len`), else `bucket_count` lengths
+        fitted to these sequences."""
         if not sequences:
             raise ValueError("no sequences to batch")
         if run_length < 1:
@@ -97,7 +137,10 @@ class Batches:
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
-        self.lengths = bucket_lengths(max_len)
+        if lengths is None:
+            lengths = fitted_bucket_lengths([len(seq) for seq in self.sequences], bucket_count,
+                                            max_len, min_rows=batch_size)  # fmt: skip
+        self.lengths = sorted({*(int(n) for n in lengths), max_len})
         self.buckets: dict[int, list[int]] = {}
         for i, seq in enumerate(self.sequences):
             length = next(b for b in self.lengths if b >= len(seq))
@@ -140,15 +183,18 @@ class Batches:
         return specs[index:end], (epoch, end)
 
     def evaluation(self) -> list[BatchSpec]:
-        """Every row once, in order; a short last batch is filled with weight-0 rows."""
+        """Every row once, shortest first, in batches padded to the bucket of their longest
+        row: only the very last batch is short (filled with weight-0 rows), however many
+        buckets there are, so a small scored set costs few rows."""
+        order = sorted(range(len(self.sequences)), key=lambda i: (len(self.sequences[i]), i))
         specs = []
-        for length in sorted(self.buckets):
-            rows = self.buckets[length]
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                real = len(chunk)
-                chunk = chunk + [chunk[0]] * (self.batch_size - real)
-                specs.append(BatchSpec(length, tuple(chunk), real))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            longest = len(self.sequences[chunk[-1]])
+            length = next(b for b in self.lengths if b >= longest)
+            real = len(chunk)
+            specs.append(BatchSpec(length, tuple(chunk + [chunk[0]] * (self.batch_size - real)),
+                                   real))  # fmt: skip
         return specs
 
     def materialize(self, spec: BatchSpec, rows: slice = slice(None)) -> Batch:

@@ -138,7 +138,8 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         tokenizer, data["train"], labels, dn.max_len
     )
     batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
-                               train_types, train_y, dn.bucket_run_length)  # fmt: skip
+                               train_types, train_y, dn.bucket_run_length,
+                               dn.bucket_count)  # fmt: skip
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
     class_weights = tasks.class_weights(task, labels, data["train"], dn.class_weights,
@@ -158,15 +159,20 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     )  # fmt: skip
     runner = trainer.runner
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
+    runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
+    eval_rows = runner.local_rows(dn.eval_batch_size)
 
     def prepare(examples) -> pipeline.Batches:
+        """Scored sets: evaluation-sized batches in the training buckets' lengths (one
+        compiled program per length, whichever set)."""
         ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
-        return pipeline.Batches(ids, dn.batch_size, dn.max_len, pad, 0, types, ys)
+        return pipeline.Batches(ids, dn.eval_batch_size, dn.max_len, pad, 0, types, ys,
+                                lengths=batches.lengths)  # fmt: skip
 
     def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
         predicted = np.zeros(len(prepared.sequences), np.int32)
         for spec in prepared.evaluation():
-            batch = prepared.materialize(spec, runner.local_rows())
+            batch = prepared.materialize(spec, eval_rows)
             logits = runner.gather_rows(predict_step(device_state, runner.put_batch(batch)))
             rows = np.asarray(spec.rows)[: spec.real]
             predicted[rows] = np.argmax(logits[: spec.real], axis=-1)

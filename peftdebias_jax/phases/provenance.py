@@ -39,7 +39,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 # keys that cannot change results: cadence of logs and checkpoints, how steps are grouped
 # into compiled calls (the same result for any value), device layout, vmap chunking
 IGNORED = re.compile(
-    r"\.(log_every|checkpoint_every|keep_checkpoints|steps_per_call)$|^parallel\.|^fisher\.chunk$"
+    r"\.(log_every|checkpoint_every|keep_checkpoints|steps_per_call|eval_batch_size)$|^parallel\.|^fisher\.chunk$"
 )
 # what a phase leaves in the workdir (globs), removed by --rerun
 OUTPUTS: dict[str, tuple[str, ...]] = {

@@ -119,13 +119,17 @@ def train_mlm(
     pad = tokenizer.pad_token_id
     train_seqs, eval_seqs = sequences
     batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
-                               run_length=up.bucket_run_length)  # fmt: skip
-    eval_batches = pipeline.Batches(eval_seqs, up.batch_size, up.max_len, pad, seed=config.seed)
+                               run_length=up.bucket_run_length,
+                               bucket_count=up.bucket_count)  # fmt: skip
+    runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
+    eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
+                                    seed=config.seed, lengths=batches.lengths)  # fmt: skip
+    eval_rows = runner.local_rows(up.eval_batch_size)
 
     def evaluate(device_state) -> dict[str, float]:
         results = []
         for batch_spec in eval_batches.evaluation():
-            batch = runner.put_batch(eval_batches.materialize(batch_spec, runner.local_rows()))
+            batch = runner.put_batch(eval_batches.materialize(batch_spec, eval_rows))
             results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
         return {"eval_loss": steps.hf_eval_loss(results)}
 

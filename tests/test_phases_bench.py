@@ -1,0 +1,40 @@
+"""The whole-phase benchmark's PyTorch sides prepare the same examples as ours: the same CDA
+outputs on real Gab Hate Corpus posts, every row once an epoch, grouped batches sorted."""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import SHARED_DATA
+
+from peftdebias_jax.data import cda
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import torch_phases
+
+WORDS = SHARED_DATA / "bias_attribute_words.json"
+
+
+def test_reference_cda_matches_ours_on_real_posts():
+    with (SHARED_DATA / "ghc" / "ghc_train.tsv").open(newline="") as f:
+        posts = [row["text"].lower() for row in csv.DictReader(f, delimiter="\t")][:3000]
+    theirs = torch_phases.GroupCda(WORDS, "group")
+    ours = cda.Augmenter.from_word_lists(cda.load_word_lists(WORDS), "group", "reference")
+    assert [theirs(p) for p in posts] == [ours(p) for p in posts]
+    assert sum(len(ours(p)) > 1 for p in posts) > 100, "many posts are augmented"
+
+
+def test_batches_cover_each_epoch_and_groups_are_sorted():
+    lengths = np.random.default_rng(0).integers(5, 120, size=500).tolist()
+    for grouped in (False, True):
+        order = torch_phases.batch_order(lengths, 8, 63, grouped, seed=1)  # 500 / 8 = 63
+        assert len(order) == 63 and sorted(i for b in order for i in b) == list(range(500))
+    mega = [i for batch in order[:50] for i in batch]  # the first megabatch: 50 batches
+    assert [lengths[i] for i in mega] == sorted((lengths[i] for i in mega), reverse=True)
+
+
+def test_tuned_batches_pad_to_their_longest_row_rounded_to_8():
+    sequences = [[1] * n for n in (3, 17, 9)]
+    ids, mask = torch_phases.collate(sequences, [0, 1, 2], 0, 8)
+    assert ids.shape == (3, 24) and mask.sum(axis=1).tolist() == [3, 17, 9]
