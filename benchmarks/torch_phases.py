@@ -188,7 +188,11 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / args.updates)
     weights = torch.tensor([1.0, 10.0])  # the reference's GHC class weights
 
-    lengths = [int(np.sum(np.asarray(s) != pad)) if reference else len(s) for s in train_ids]
+    def real_lengths(rows) -> list[int]:
+        """Tokens that are not padding (the reference's rows come padded already)."""
+        return [int(np.sum(np.asarray(s) != pad)) if reference else len(s) for s in rows]
+
+    lengths = real_lengths(train_ids)
     order = batch_order(lengths, args.batch_size, args.updates, not reference, seed=42)
     multiple = 1 if reference else 8
     real_tokens = padded_tokens = 0
@@ -219,7 +223,7 @@ def main() -> None:
 
     model.eval()  # one pass over the validation set, eval batch as the reference's
     eval_batch = args.batch_size if upstream else 128
-    eval_lengths = [int(np.sum(np.asarray(s) != pad)) if reference else len(s) for s in eval_ids]
+    eval_lengths = real_lengths(eval_ids)
     rows_all = list(range(len(eval_ids)))
     if not reference:
         rows_all.sort(key=lambda i: eval_lengths[i])
