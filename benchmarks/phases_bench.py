@@ -138,7 +138,7 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
         previous = record["step"]
         tokens = examples * record["real_tokens_per_s"] / record["examples_per_s"]
         real, padded = real + tokens, padded + tokens / (1 - record["padding"])
-    wanted = re.compile(r"compiled |first call|checkpoint of step|step \d+: \{")
+    wanted = re.compile(r"compiled |traced in|first call|checkpoint of step|step \d+: \{")
     events = [f"{t:.1f} s: {text.split('] ', 1)[-1]}" for t, text in result["lines"]
               if wanted.search(text)]  # fmt: skip
     return {**result, "events": events, "first_step_s": first, "compiles": len(compiles),

@@ -2,6 +2,7 @@
 shape, calls stop at every log, eval and checkpoint step, and any `steps_per_call` trains
 exactly what one step per call trains."""
 
+import io
 import json
 
 import jax
@@ -13,7 +14,7 @@ from flax import traverse_util
 
 from peftdebias_jax import masks
 from peftdebias_jax.data import pipeline
-from peftdebias_jax.training import loop, parallel
+from peftdebias_jax.training import loop, parallel, progress
 from peftdebias_jax.training.state import TrainState, adamw
 
 VOCAB, WIDTH = 50, 4
@@ -171,3 +172,15 @@ def test_logged_throughput_leaves_out_evaluation(tmp_path):
     logged = [x for x in lines if "padding" in x]
     assert len(logged) == 8 and all(x["padding"] == 0.5 for x in logged)
     assert all(x["real_tokens_per_s"] == pytest.approx(8 * x["examples_per_s"]) for x in logged)
+
+
+def test_progress_line_shows_no_speed_before_it_has_measured_one(monkeypatch):
+    """The first update starts the clock (compiling is not counted): no ex/s or ETA yet,
+    rather than a made-up 0.0; the next update divides that interval's examples."""
+    ticks = iter([100.0, 104.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(ticks))
+    bar = progress.Progress(total=30, start=0, name="upstream", stream=io.StringIO())
+    first = bar.update(10, 320, loss=2.0)
+    assert first.endswith("| -- ex/s | ETA --"), first
+    second = bar.update(20, 320, loss=1.5)
+    assert "| 80.0 ex/s | ETA 0:00:04" in second, second

@@ -1,7 +1,10 @@
 """Host memory release around compiled steps, and the XLA CPU flags run.py sets."""
 
+import gc
 import platform
 
+import jax
+import numpy as np
 import pytest
 
 from peftdebias_jax.training import memory
@@ -52,3 +55,17 @@ def test_tree_bytes_counts_array_leaves():
 
     tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [np.zeros(3, np.int8)], "c": None}
     assert memory.tree_bytes(tree) == 4 * 8 * 4 + 3
+
+
+def test_compiled_ahead_compiles_once_and_leaves_the_collector_on():
+    """One compile per key, run with the garbage collector paused; it is on again after,
+    also when compiling fails."""
+    cache = {}
+    double = jax.jit(lambda x: 2 * x)
+    first = memory.compiled_ahead(double, cache, "k", np.ones(3, np.float32))
+    assert memory.compiled_ahead(double, cache, "k", np.ones(3, np.float32)) is first
+    np.testing.assert_allclose(first(np.ones(3, np.float32)), 2.0)
+    assert gc.isenabled()
+    with pytest.raises(AttributeError):
+        memory.compiled_ahead(jax.jit(lambda x: x.no_such), cache, "bad", np.ones(3))
+    assert gc.isenabled() and "bad" not in cache

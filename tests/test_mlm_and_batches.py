@@ -222,3 +222,27 @@ def test_batch_cap_on_decoder_rows():
     before = [0, int(parts[0].sum())]
     split = [steps.cap_batch_selection(p, total - 2, b) for p, b in zip(parts, before, strict=True)]
     np.testing.assert_array_equal(np.concatenate(split), np.asarray(capped))
+
+
+def test_evaluation_loss_is_exact_with_the_decoder_capped_or_not():
+    """The eval loss runs the decoder on the capped positions when the selection fits the
+    caps and on every position when it does not: the full path's sum both times."""
+    from peftdebias_jax.training import steps
+
+    module, params, ids, attention, _ = tiny_mlm_batch()
+    ids, attention = jnp.tile(ids, (4, 4)), jnp.ones((12, 48), jnp.int32)
+    rate = 0.15
+    assert steps.max_predictions_for(48, rate, -1) < 48  # the capped branch exists
+
+    def full(selected):
+        return float(steps.mlm_loss_sum(module, params, ids, ids, attention, selected, None))
+
+    capped = jax.jit(steps.exact_capped_loss_sum, static_argnums=(0, 6))
+    fits = jax.random.uniform(jax.random.key(3), ids.shape) < rate
+    too_many = fits.at[0, :40].set(True)  # one row far over its cap: the full branch
+    for selected in (fits, too_many):
+        got = float(capped(module, params, ids, ids, attention, selected, rate))
+        np.testing.assert_allclose(got, full(selected), rtol=1e-5)
+    row_cap = steps.max_predictions_for(48, rate, -1)
+    assert int(fits.sum(1).max()) <= row_cap < int(too_many.sum(1).max())
+    assert int(fits.sum()) <= steps.batch_predictions_for(12, 48, rate, -1)

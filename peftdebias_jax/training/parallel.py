@@ -112,8 +112,13 @@ class Runner:
             if executable is None:
                 count = len(executables) + 1
                 log.info("compiling %s for batch shape %s (compile #%d)", name, shape, count)
-                # a big train step: one-off programs (init, loading) are dropped before it
-                big = repeated and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
+                # before a big train step's first program, the one-off ones (init, loading)
+                # are dropped; its later programs (other buckets) reuse what is cached then
+                big = (
+                    repeated
+                    and not executables
+                    and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
+                )
                 began = time.perf_counter()
                 executable = memory.compiled_ahead(
                     compiled, executables, shape, state, batch, *rest, drop_caches=big

@@ -33,13 +33,12 @@ class Progress:
             self.examples += examples
         elapsed = now - self.began
         done = step - self.first_step
-        rate = self.examples / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
-        line = (
-            f"{self.name} step {step}/{self.total} | {shown} | {rate:.1f} ex/s | "
-            f"ETA {format_seconds(eta)}"
-        )
+        # the first update only starts the clock (its interval includes compiling)
+        measured = self.examples and elapsed > 0
+        speed = f"{self.examples / elapsed:.1f} ex/s" if measured else "-- ex/s"
+        eta = format_seconds(elapsed / done * (self.total - step)) if done > 0 else "--"
+        line = f"{self.name} step {step}/{self.total} | {shown} | {speed} | ETA {eta}"
         if not self.quiet:
             self.stream.write(line + ("\r" if self.tty else "\n"))
             self.stream.flush()
