@@ -229,6 +229,8 @@ def main() -> None:
         kind = cpu_kind.describe()
         record = {
             "date": datetime.date.today().isoformat(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                     capture_output=True, text=True).stdout.strip(),
             "machine": {"cpu": kind, "cores": os.cpu_count()},
             "settings": {"updates": args.updates, "batch_size": BATCH,
                          "train_docs": args.train_docs, "validation_docs": args.validation_docs,
