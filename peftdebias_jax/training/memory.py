@@ -85,9 +85,9 @@ def compiled_ahead(
         gc.disable()
         try:
             # pmap has no separate trace stage: its lower() traces too (reported as 0 s)
-            traced = jitted.trace(*args) if hasattr(jitted, "trace") else jitted
+            traced = jitted.trace(*args) if hasattr(jitted, "trace") else None
             traced_at = time.perf_counter()
-            lowered = traced.lower() if traced is not jitted else jitted.lower(*args)
+            lowered = jitted.lower(*args) if traced is None else traced.lower()
             lowered_at = time.perf_counter()
             executable = cache[key] = lowered.compile()
         finally:
