@@ -147,6 +147,11 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # length buckets (one compiled program each), fitted to the corpus's token lengths to pad
     # the fewest tokens: 8 pad the Gab Hate Corpus by about 15%, powers of two by 31%
     config.upstream.bucket_count = 8
+    # a bucket beyond the first is used only where it saves more padding over the phase than
+    # its compile costs, priced as this many training steps of mean length (BERT-base on a
+    # 2-core CPU: about 4; a GPU: hundreds). A 20-step phase on 640 Gab Hate Corpus posts
+    # gets 3-4 buckets, an epoch of the whole file 8; 0: always bucket_count
+    config.upstream.bucket_compile_steps = 4.0
     # rows per evaluation call (divisible by the devices); evaluation reuses the training
     # buckets' lengths and so their shapes. Upstream as the reference (= batch_size): its
     # evaluation scores the whole vocabulary at every position, 1 GB of logits at 32 x 256
@@ -193,7 +198,9 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.steps_per_call = 10  # as config.upstream.steps_per_call
     config.downstream.bucket_run_length = 10  # as config.upstream.bucket_run_length
     config.downstream.bucket_count = 8  # as config.upstream.bucket_count
-    # no gradients and 2-28 logits a row: 4x the training batch, as the reference
+    config.downstream.bucket_compile_steps = 4.0  # as config.upstream.bucket_compile_steps
+    # no gradients and 2-28 logits a row: 4x the training batch, as the reference (a scored
+    # set too small to fill one such batch per bucket length gets fewer rows a batch)
     config.downstream.eval_batch_size = 128
     # loss weight per class: "auto" (hate tasks: the largest class count of the training
     # split over each class's count, as the reference's GHC 10 / Stormfront 6.7 did for their

@@ -66,6 +66,8 @@ CHECKS: dict[str, str] = {
     "downstream.keep_checkpoints": "positive_int",
     "upstream.bucket_count": "positive_int",
     "downstream.bucket_count": "positive_int",
+    "upstream.bucket_compile_steps": "non_negative_finite",
+    "downstream.bucket_compile_steps": "non_negative_finite",
     "upstream.eval_batch_size": "positive_int",
     "downstream.eval_batch_size": "positive_int",
     "bootstrap.resamples": "non_negative_int",

@@ -7,10 +7,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from config_fixtures import load_config
 from conftest import SHARED_DATA
 from transformers import AutoTokenizer
 
 from peftdebias_jax.data import pipeline
+from peftdebias_jax.phases import common
 
 
 def bucket_of(buckets, n: int) -> int:
@@ -80,3 +82,62 @@ def test_default_buckets_waste_at_most_15_percent_on_real_text(corpus, minilm_di
     assert len(fitted.buckets) <= 8
     assert padding_fraction(fitted) <= 0.15
     assert padding_fraction(fitted) < padding_fraction(powers) - 0.05
+
+
+def bucket_cost(lengths, buckets, passes: float, compile_tokens: float) -> float:
+    rounded = [min(100, -(-n // 8) * 8) for n in lengths]
+    return passes * padded_tokens(rounded, buckets) + compile_tokens * len(buckets)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_bucket_count_weighs_padding_over_the_phase_against_compiles(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 100, size=rng.integers(20, 200)).tolist()
+    count = int(rng.integers(2, 8))
+    passes, compile_tokens = float(rng.uniform(0.05, 3)), float(rng.uniform(50, 2000))
+    chosen = pipeline.fitted_bucket_lengths(
+        lengths, count, 100, min_rows=4, compile_tokens=compile_tokens, passes=passes
+    )
+    best_of = [pipeline.fitted_bucket_lengths(lengths, k, 100, min_rows=4)
+               for k in range(1, count + 1)]  # fmt: skip
+    costs = [bucket_cost(lengths, b, passes, compile_tokens) for b in best_of]
+    assert bucket_cost(lengths, chosen, passes, compile_tokens) == pytest.approx(min(costs))
+    assert pipeline.fitted_bucket_lengths(lengths, count, 100, 4, passes=passes) == best_of[-1]
+
+
+def test_a_short_phase_on_real_text_compiles_fewer_buckets_and_a_long_one_all(minilm_dir):
+    """The configs' defaults on Gab Hate Corpus posts: a 20-update phase on 640 of them
+    (the benchmark's) uses few buckets; an epoch of the whole file still uses all 8."""
+    section = load_config("race_adapter").downstream
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    sequences = pipeline.encode(tokenizer, ghc_posts(), 128)
+    sample = [sequences[i] for i in np.random.default_rng(0).permutation(len(sequences))[:640]]
+    short = pipeline.Batches(sample, 32, 128, 0, bucket_count=section.bucket_count,
+                             **common.bucket_costs(section, sample, 20))  # fmt: skip
+    full = pipeline.Batches(sample, 32, 128, 0, bucket_count=section.bucket_count)
+    assert 2 <= len(short.lengths) <= 4 < len(full.lengths)
+    per_epoch = -(-len(sequences) // 32)
+    whole = pipeline.Batches(sequences, 32, 128, 0, bucket_count=section.bucket_count,
+                             **common.bucket_costs(section, sequences, per_epoch))  # fmt: skip
+    assert len(whole.lengths) == section.bucket_count
+    assert padding_fraction(whole) <= 0.15
+
+
+def test_a_small_scored_set_gets_fewer_rows_a_batch_and_less_padding(minilm_dir):
+    assert pipeline.evaluation_rows(10_000, 128, 8) == 128
+    assert pipeline.evaluation_rows(128, 128, 3) == 43
+    assert pipeline.evaluation_rows(128, 128, 3, multiple=8) == 48
+    assert pipeline.evaluation_rows(3, 128, 8, multiple=4) == 4
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    posts = pipeline.encode(tokenizer, ghc_posts()[:768], 128)
+    lengths = pipeline.Batches(posts[128:], 32, 128, 0, bucket_count=3).lengths
+    scored = posts[:128]
+    rows = pipeline.evaluation_rows(len(scored), 128, len(lengths))
+    cut, whole = (pipeline.Batches(scored, n, 128, 0, lengths=lengths) for n in (rows, 128))
+    seen = [r for spec in cut.evaluation() for r in spec.rows[: spec.real]]
+    assert sorted(seen) == list(range(len(scored)))
+
+    def padded(batches):
+        return sum(spec.length * batches.batch_size for spec in batches.evaluation())
+
+    assert padded(cut) < 0.8 * padded(whole)

@@ -64,13 +64,21 @@ def bucket_lengths(max_len: int, smallest: int = 16) -> list[int]:
 
 
 def fitted_bucket_lengths(
-    lengths: Sequence[int], count: int, max_len: int, min_rows: int = 1, multiple: int = 8
+    lengths: Sequence[int],
+    count: int,
+    max_len: int,
+    min_rows: int = 1,
+    multiple: int = 8,
+    compile_tokens: float = 0.0,
+    passes: float = 1.0,
 ) -> list[int]:
     """At most `count` bucket lengths (multiples of `multiple`, or `max_len`) that cover every
     length and pad the fewest tokens in all, each bucket holding at least `min_rows` of them
     (a batch: no bucket whose only batch is mostly repeated rows, nor a compile for it): an
     exact dynamic programme over the distinct rounded lengths, so few buckets (few compiles)
-    still waste little on real text."""
+    still waste little on real text. The number of buckets minimises `passes` (how often a
+    phase draws these rows) times the padded tokens plus `compile_tokens` per bucket (its
+    compile, priced as that many padded tokens of work): a short phase compiles fewer."""
     if count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
     rounded = np.minimum(-(-np.asarray(lengths, np.int64) // multiple) * multiple, max_len)
@@ -90,11 +98,21 @@ def fitted_bucket_lengths(
             options = np.where(rows >= min_rows, cost[b - 1, :j] + rows * values[j - 1], np.inf)
             last[b, j] = int(np.argmin(options))
             cost[b, j] = options[last[b, j]]
-    b, j, chosen = int(np.argmin(cost[1:, n])) + 1, n, []
+    totals = passes * cost[1:, n] + compile_tokens * np.arange(1, k + 1)
+    b, j, chosen = int(np.argmin(totals)) + 1, n, []
     while j > 0:
         chosen.append(int(values[j - 1]))
         j, b = int(last[b, j]), b - 1
     return sorted(chosen)
+
+
+def evaluation_rows(count: int, limit: int, buckets: int, multiple: int = 1) -> int:
+    """Rows per evaluation batch for a scored set of `count` rows: `limit`, or fewer when the
+    set cannot fill one batch per bucket length (about count / buckets, a multiple of
+    `multiple`, e.g. the devices), so a small set is not padded to its longest row."""
+    rows = -(-count // max(1, buckets))
+    rows = -(-rows // multiple) * multiple
+    return max(multiple, min(limit, rows))
 
 
 @dataclass(frozen=True)
@@ -121,10 +139,13 @@ class Batches:
         run_length: int = 1,
         bucket_count: int = 8,
         lengths: Sequence[int] | None = None,
+        compile_tokens: float = 0.0,
+        passes: float = 1.0,
     ) -> None:
         """Buckets: `lengths` when given (e.g. the training set's, so that evaluation reuses
-        its compiled shapes; longer sequences go to `max_len`), else `bucket_count` lengths
-        fitted to these sequences."""
+        its compiled shapes; longer sequences go to `max_len`), else at most `bucket_count`
+        lengths fitted to these sequences (fewer where a bucket's compile, `compile_tokens`,
+        outweighs the padding it saves over `passes` passes: `fitted_bucket_lengths`)."""
         if not sequences:
             raise ValueError("no sequences to batch")
         if run_length < 1:
@@ -139,7 +160,9 @@ class Batches:
         self.seed = seed
         if lengths is None:
             lengths = fitted_bucket_lengths([len(seq) for seq in self.sequences], bucket_count,
-                                            max_len, min_rows=batch_size)  # fmt: skip
+                                            max_len, min_rows=batch_size,
+                                            compile_tokens=compile_tokens,
+                                            passes=passes)  # fmt: skip
         self.lengths = sorted({*(int(n) for n in lengths), max_len})
         self.buckets: dict[int, list[int]] = {}
         for i, seq in enumerate(self.sequences):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -122,6 +123,18 @@ def check_mlm_head(config: ml_collections.ConfigDict) -> None:
             + " ".join(f'--config.evaluate.{k}=""' for k in scored)
             + " (SEAT needs no head)"
         )
+
+
+def bucket_costs(section: ml_collections.ConfigDict, sequences: Sequence, updates: int) -> dict:
+    """`pipeline.Batches`' compile_tokens and passes for a phase `section` that runs `updates`
+    batches over `sequences`: one more bucket's compile is priced as
+    `section.bucket_compile_steps` training steps at their mean length."""
+    lengths = [len(seq) for seq in sequences]
+    mean = sum(lengths) / max(1, len(lengths))
+    return {
+        "compile_tokens": section.bucket_compile_steps * section.batch_size * mean,
+        "passes": updates * section.batch_size / max(1, len(lengths)),
+    }
 
 
 def bootstrap_settings(config: ml_collections.ConfigDict) -> bootstrap.Settings:

@@ -137,9 +137,10 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     train_ids, train_types, train_y = splits.encode_examples(
         tokenizer, data["train"], labels, dn.max_len
     )
+    updates = dn.num_steps or dn.epochs * -(-len(train_ids) // dn.batch_size)
     batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
-                               train_types, train_y, dn.bucket_run_length,
-                               dn.bucket_count)  # fmt: skip
+                               train_types, train_y, dn.bucket_run_length, dn.bucket_count,
+                               **common.bucket_costs(dn, train_ids, updates))  # fmt: skip
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
     class_weights = tasks.class_weights(task, labels, data["train"], dn.class_weights,
@@ -160,17 +161,19 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     runner = trainer.runner
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
     runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
-    eval_rows = runner.local_rows(dn.eval_batch_size)
 
     def prepare(examples) -> pipeline.Batches:
-        """Scored sets: evaluation-sized batches in the training buckets' lengths (one
-        compiled program per length, whichever set)."""
+        """Scored sets: evaluation-sized batches (fewer rows for a set too small to fill one
+        per length) in the training buckets' lengths (one compiled program per shape)."""
         ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
-        return pipeline.Batches(ids, dn.eval_batch_size, dn.max_len, pad, 0, types, ys,
+        rows = pipeline.evaluation_rows(len(ids), dn.eval_batch_size, len(batches.lengths),
+                                        runner.rows_multiple)  # fmt: skip
+        return pipeline.Batches(ids, rows, dn.max_len, pad, 0, types, ys,
                                 lengths=batches.lengths)  # fmt: skip
 
     def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
         predicted = np.zeros(len(prepared.sequences), np.int32)
+        eval_rows = runner.local_rows(prepared.batch_size)
         for spec in prepared.evaluation():
             batch = prepared.materialize(spec, eval_rows)
             logits = runner.gather_rows(predict_step(device_state, runner.put_batch(batch)))

@@ -19,6 +19,7 @@ from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.peft import sft
 from peftdebias_jax.phases.common import (
+    bucket_costs,
     build_model,
     count_params,
     patch_spec,
@@ -119,8 +120,8 @@ def train_mlm(
     pad = tokenizer.pad_token_id
     train_seqs, eval_seqs = sequences
     batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
-                               run_length=up.bucket_run_length,
-                               bucket_count=up.bucket_count)  # fmt: skip
+                               run_length=up.bucket_run_length, bucket_count=up.bucket_count,
+                               **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
     eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
                                     seed=config.seed, lengths=batches.lengths)  # fmt: skip

@@ -63,12 +63,17 @@ class Runner:
     def check_rows(self, batch_size: int, field: str) -> None:
         """Refuse a batch of `batch_size` rows (set by config key `field`) that the devices
         cannot split evenly."""
-        count = len(self.devices) if self.mode != "single" else 1
+        count = self.rows_multiple
         if batch_size % count:
             raise ConfigError(
                 f"{field}={batch_size} must be divisible by the {count} devices of mode "
                 f"{self.mode!r}"
             )
+
+    @property
+    def rows_multiple(self) -> int:
+        """What every batch's row count must be a multiple of: the devices it splits over."""
+        return len(self.devices) if self.mode != "single" else 1
 
     def local_rows(self, batch_size: int | None = None) -> slice:
         """This process's rows of a global batch of `batch_size` rows (the training batch
