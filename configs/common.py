@@ -150,7 +150,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # a bucket beyond the first is used only where it saves more padding over the phase than
     # its compile costs, priced as this many training steps of mean length (BERT-base on a
     # 2-core CPU: about 4; a GPU: hundreds). A 20-step phase on 640 Gab Hate Corpus posts
-    # gets 3-4 buckets, an epoch of the whole file 8; 0: always bucket_count
+    # gets 2-4 buckets, an epoch of the whole file 8; 0: always bucket_count
     config.upstream.bucket_compile_steps = 4.0
     # rows per evaluation call (divisible by the devices); evaluation reuses the training
     # buckets' lengths and so their shapes. Upstream as the reference (= batch_size): its
