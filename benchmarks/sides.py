@@ -169,11 +169,9 @@ class Ours:
                 return steps.make_mlm_train_step(module, tx, label_tree, masking, axis_name, 0.0,
                                                  1, max_predictions)  # fmt: skip
         else:
-            weights = jax.numpy.ones((NUM_LABELS,), jax.numpy.float32)
 
             def make_step(tx, axis_name):
-                return steps.make_classification_train_step(module, tx, label_tree, weights,
-                                                            axis_name)  # fmt: skip
+                return steps.make_classification_train_step(module, tx, label_tree, axis_name)
 
         trainer = build_trainer(params, label_tree, Optimizer(1e-4, 10_000, 1.0), make_step,
                                 seed=0, mode="single", batch_size=shapes.batch, batch_key="batch",

@@ -363,6 +363,9 @@ def small(config: ml_collections.ConfigDict, preset: str) -> None:
         # head absorb the change), and a wider bottleneck at a larger step learns it
         up.train_mlm_head = False
         up.learning_rate, up.num_steps, up.eval_every = 1e-2, 2_000, 500
+        # a compile of this small model's step (about 5 s on 2 cores) costs as much as some
+        # 2,000 of its steps (2-3 ms each): each phase compiles one bucket, not 2-3
+        up.bucket_compile_steps = dn.bucket_compile_steps = 2_000.0
         if config.patch.method == "seq_bn":
             config.patch.reduction_factor = 4
         config.seeds = (0, 1, 2)  # the report: mean ± sd over seeds, paired intervals

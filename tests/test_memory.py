@@ -69,3 +69,24 @@ def test_compiled_ahead_compiles_once_and_leaves_the_collector_on():
     with pytest.raises(AttributeError):
         memory.compiled_ahead(jax.jit(lambda x: x.no_such), cache, "bad", np.ones(3))
     assert gc.isenabled() and "bad" not in cache
+
+
+@pytest.mark.parametrize(("threshold", "generation"), [(2**40, 1), (0, 2)])
+def test_compiled_ahead_collects_the_whole_heap_only_after_a_big_programs_compile(
+    monkeypatch, threshold, generation
+):
+    """A full collection walks the whole heap (tenths of a second each time); after a small
+    program's compile the young generations, which hold tracing's garbage, are enough."""
+    monkeypatch.setattr(memory, "FULL_COLLECT_MIN_BYTES", threshold)
+    seen = []
+
+    def record(phase, info):
+        if phase == "start":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        memory.compiled_ahead(jax.jit(lambda x: 3 * x), {}, "k", np.ones(3, np.float32))
+    finally:
+        gc.callbacks.remove(record)
+    assert generation in seen and max(seen) == generation, seen

@@ -246,3 +246,49 @@ def test_evaluation_loss_is_exact_with_the_decoder_capped_or_not():
     row_cap = steps.max_predictions_for(48, rate, -1)
     assert int(fits.sum(1).max()) <= row_cap < int(too_many.sum(1).max())
     assert int(fits.sum()) <= steps.batch_predictions_for(12, 48, rate, -1)
+
+
+def test_batches_carry_each_rows_weight_and_filler_weighs_nothing():
+    seqs = sequences(count=10)
+    weights = np.linspace(0.5, 5.0, 10).astype(np.float32)
+    batches = pipeline.Batches(seqs, 4, 64, 0, labels=[0] * 10, weights=weights)
+    for spec in batches.evaluation():
+        batch = batches.materialize(spec)
+        expected = [weights[r] if p < spec.real else 0.0 for p, r in enumerate(spec.rows)]
+        np.testing.assert_allclose(batch["weight"], expected)
+
+
+def test_the_classification_step_is_torchs_class_weighted_mean():
+    """Row weights (class weight of the label, 0 for filler) in the batch give the loss of
+    torch's cross_entropy(weight=class weights); one program serves every weighting."""
+    import optax
+    import torch
+
+    from peftdebias_jax import masks, models
+    from peftdebias_jax.training import steps
+    from peftdebias_jax.training.state import TrainState
+
+    config = models.EncoderConfig(
+        model_type="bert", vocab_size=40, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+        type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    module, params = models.from_config(config, "classifier", 3, seed=0)
+    label_tree = masks.labels(params, [(".*", masks.TRAIN)])
+    state = TrainState.create(params, optax.sgd(0.0), 0)
+    step = jax.jit(steps.make_classification_train_step(module, optax.sgd(0.0), label_tree))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 40, (5, 12)).astype(np.int32)
+    labels = np.array([0, 1, 2, 2, 1], np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "token_type_ids": np.zeros_like(ids), "label": labels}  # fmt: skip
+    logits = np.asarray(steps.make_predict_step(module)(state, batch))
+    for class_weights in ([1.0, 1.0, 1.0], [1.0, 6.7, 0.5]):
+        row_weights = np.asarray(class_weights, np.float32)[labels] * [1, 1, 1, 1, 0]
+        loss = step(state, {**batch, "weight": row_weights})[1]["loss"]
+        expected = torch.nn.functional.cross_entropy(
+            torch.tensor(logits[:4]), torch.tensor(labels[:4]).long(),
+            weight=torch.tensor(class_weights),
+        )  # fmt: skip
+        np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    assert step._cache_size() == 1

@@ -141,11 +141,14 @@ class Batches:
         lengths: Sequence[int] | None = None,
         compile_tokens: float = 0.0,
         passes: float = 1.0,
+        weights: Sequence[float] | None = None,
     ) -> None:
         """Buckets: `lengths` when given (e.g. the training set's, so that evaluation reuses
         its compiled shapes; longer sequences go to `max_len`), else at most `bucket_count`
         lengths fitted to these sequences (fewer where a bucket's compile, `compile_tokens`,
-        outweighs the padding it saves over `passes` passes: `fitted_bucket_lengths`)."""
+        outweighs the padding it saves over `passes` passes: `fitted_bucket_lengths`).
+        `weights`: each sequence's weight in a batch's "weight" (e.g. its label's class
+        weight: data, not a constant compiled into the step); 1 when None, 0 for filler."""
         if not sequences:
             raise ValueError("no sequences to batch")
         if run_length < 1:
@@ -155,6 +158,7 @@ class Batches:
         self.sequences = list(sequences)
         self.token_types = list(token_types) if token_types is not None else None
         self.labels = np.asarray(labels, np.int32) if labels is not None else None
+        self.weights = np.asarray(weights, np.float32) if weights is not None else None
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
@@ -233,6 +237,7 @@ class Batches:
             mask[out, : len(seq)] = 1
             if types is not None:
                 types[out, : len(seq)] = self.token_types[row]
+        real = (positions < spec.real).astype(np.float32)
         extra = {}
         if types is not None:
             extra["token_type_ids"] = types
@@ -244,7 +249,7 @@ class Batches:
             "attention_mask": mask,
             "index": positions.astype(np.int32),
             "row": rows_of,
-            "weight": (positions < spec.real).astype(np.float32),
+            "weight": real if self.weights is None else real * self.weights[rows_of],
         }
 
 

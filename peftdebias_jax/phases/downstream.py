@@ -138,18 +138,19 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         tokenizer, data["train"], labels, dn.max_len
     )
     updates = dn.num_steps or dn.epochs * -(-len(train_ids) // dn.batch_size)
-    batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
-                               train_types, train_y, dn.bucket_run_length, dn.bucket_count,
-                               **common.bucket_costs(dn, train_ids, updates))  # fmt: skip
-    steps_per_epoch = len(batches.training_epoch(0))
-    num_steps = dn.num_steps or dn.epochs * steps_per_epoch
     class_weights = tasks.class_weights(task, labels, data["train"], dn.class_weights,
                                         "config.downstream.class_weights")  # fmt: skip
     log.info("downstream class weights (%s): %s", dn.class_weights, class_weights)
-    weights = jnp.asarray([class_weights[name] for name in labels], jnp.float32)
+    weights = np.asarray([class_weights[name] for name in labels], np.float32)[train_y]
+    batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
+                               train_types, train_y, dn.bucket_run_length, dn.bucket_count,
+                               **common.bucket_costs(dn, train_ids, updates),
+                               weights=weights)  # fmt: skip
+    steps_per_epoch = len(batches.training_epoch(0))
+    num_steps = dn.num_steps or dn.epochs * steps_per_epoch
 
     def make_step(tx, axis_name):
-        return steps.make_classification_train_step(module, tx, label_tree, weights, axis_name,
+        return steps.make_classification_train_step(module, tx, label_tree, axis_name,
                                                     regularizer)  # fmt: skip
 
     trainer = build_trainer(

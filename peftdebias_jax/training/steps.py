@@ -275,13 +275,14 @@ def make_classification_train_step(
     module,
     tx: optax.GradientTransformation,
     label_tree,
-    class_weights: jax.Array,
     axis_name: str | None = None,
     regularizer=None,
 ):
-    """The downstream step: class-weighted cross-entropy, normalised like torch's weighted
-    mean: sum_i w_{y_i} ce_i / sum_i w_{y_i} over the (global) batch; plus
-    `regularizer(params)` when given (its gradient added once, after the cross-device sum)."""
+    """The downstream step: weighted cross-entropy, normalised like torch's class-weighted
+    mean: sum_i w_i ce_i / sum_i w_i over the (global) batch, with each row's weight w_i
+    (its label's class weight; 0 for filler) in batch["weight"], so that one program serves
+    every weighting; plus `regularizer(params)` when given (its gradient added once, after
+    the cross-device sum)."""
 
     def loss_fn(params, batch, dropout_rng, total_weight):
         logits = module.apply(
@@ -295,15 +296,13 @@ def make_classification_train_step(
         ce = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["label"]
         )
-        weights = class_weights[batch["label"]] * batch["weight"]
-        return jnp.sum(ce * weights) / total_weight
+        return jnp.sum(ce * batch["weight"]) / total_weight
 
     grad_fn = masks.value_and_grad(loss_fn, label_tree)
 
     def step(state: TrainState, batch):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-        weights = class_weights[batch["label"]] * batch["weight"]
-        total = jnp.maximum(psum(jnp.sum(weights), axis_name), 1e-12)
+        total = jnp.maximum(psum(jnp.sum(batch["weight"]), axis_name), 1e-12)
         with dropout.rows_from(first_row(axis_name, batch["label"].shape[0])):
             loss, grads = grad_fn(state.params, batch, dropout_rng, total)
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
