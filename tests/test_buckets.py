@@ -141,3 +141,53 @@ def test_a_small_scored_set_gets_fewer_rows_a_batch_and_less_padding(minilm_dir)
         return sum(spec.length * batches.batch_size for spec in batches.evaluation())
 
     assert padded(cut) < 0.8 * padded(whole)
+
+
+def scoring_cost(lengths, chosen, passes, compile_tokens) -> float:
+    return passes * padded_tokens(lengths, chosen) + compile_tokens * len(chosen)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_scoring_lengths_are_training_lengths_worth_their_compile(seed):
+    """A scored set is padded to a subset of the training lengths (no shapes training did
+    not have): the subset with the fewest padded tokens over its passes plus a compile per
+    length, found against every subset by brute force."""
+    rng = np.random.default_rng(seed)
+    allowed = sorted(set(rng.choice(np.arange(8, 129, 8), size=int(rng.integers(2, 7))).tolist()))
+    allowed = sorted({*allowed, 128})
+    lengths = rng.integers(3, 129, size=rng.integers(5, 150)).tolist()
+    passes, compile_tokens = float(rng.uniform(0.5, 10)), float(rng.uniform(0, 3000))
+    chosen = pipeline.scoring_lengths(lengths, allowed, compile_tokens, passes)
+    assert set(chosen) <= set(allowed) and max(chosen) >= max(lengths)
+    needed = bucket_of(allowed, max(lengths))
+    subsets = [
+        [*subset, needed]
+        for k in range(len(allowed))
+        for subset in itertools.combinations([a for a in allowed if a < needed], k)
+    ]
+    best = min(scoring_cost(lengths, s, passes, compile_tokens) for s in subsets)
+    assert scoring_cost(lengths, chosen, passes, compile_tokens) == pytest.approx(best)
+    free = pipeline.scoring_lengths(lengths, allowed)
+    assert set(free) == {bucket_of(allowed, n) for n in lengths}
+    assert pipeline.scoring_lengths(lengths, allowed, 1e12) == [needed]
+
+
+def test_a_scored_set_on_real_text_compiles_fewer_programs(minilm_dir):
+    """The benchmark's upstream phase (config defaults, 20 updates on 640 Gab Hate Corpus
+    posts, evaluated once on 128 others): its validation set used every training length,
+    a program each; priced against their compiles it uses fewer, and every row is scored."""
+    up = load_config("race_adapter").upstream
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    sequences = pipeline.encode(tokenizer, ghc_posts(), up.max_len)
+    order = np.random.default_rng(0).permutation(len(sequences))
+    train = [sequences[i] for i in order[:640]]
+    scored = [sequences[i] for i in order[640:768]]
+    lengths = pipeline.Batches(train, up.batch_size, up.max_len, 0, bucket_count=up.bucket_count,
+                               **common.bucket_costs(up, train, 20)).lengths  # fmt: skip
+    before = pipeline.Batches(scored, up.eval_batch_size, up.max_len, 0, lengths=lengths)
+    chosen = common.scoring_lengths(up, scored, lengths, up.eval_batch_size, 1)
+    after = pipeline.Batches(scored, up.eval_batch_size, up.max_len, 0, lengths=chosen)
+    used = {spec.length for spec in after.evaluation()}
+    assert used < {spec.length for spec in before.evaluation()}, (lengths, chosen)
+    seen = [r for spec in after.evaluation() for r in spec.rows[: spec.real]]
+    assert sorted(seen) == list(range(len(scored)))

@@ -106,6 +106,22 @@ def fitted_bucket_lengths(
     return sorted(chosen)
 
 
+def scoring_lengths(
+    lengths: Sequence[int],
+    allowed: Sequence[int],
+    compile_tokens: float = 0.0,
+    passes: float = 1.0,
+) -> list[int]:
+    """The few of the `allowed` lengths (the training buckets': no new shapes) that a scored
+    set of these `lengths`, scored `passes` times, is padded to: fewer where a length's
+    compile (`compile_tokens`, its own program: scoring is not training) outweighs the
+    padding it saves. `fitted_bucket_lengths` over the lengths rounded up to allowed ones."""
+    allowed = sorted({int(n) for n in allowed})
+    rounded = [next((a for a in allowed if a >= n), allowed[-1]) for n in lengths]
+    return fitted_bucket_lengths(rounded, len(allowed), allowed[-1], multiple=1,
+                                 compile_tokens=compile_tokens, passes=passes)  # fmt: skip
+
+
 def evaluation_rows(count: int, limit: int, buckets: int, multiple: int = 1) -> int:
     """Rows per evaluation batch for a scored set of `count` rows: `limit`, or fewer when the
     set cannot fill one batch per bucket length (about count / buckets, a multiple of

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from peftdebias_jax import files, models, peft, processes
+from peftdebias_jax.data import pipeline
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation import bootstrap
@@ -135,6 +136,23 @@ def bucket_costs(section: ml_collections.ConfigDict, sequences: Sequence, update
         "compile_tokens": section.bucket_compile_steps * section.batch_size * mean,
         "passes": updates * section.batch_size / max(1, len(lengths)),
     }
+
+
+def scoring_lengths(
+    section: ml_collections.ConfigDict,
+    sequences: Sequence,
+    allowed: Sequence[int],
+    rows: int,
+    passes: int,
+) -> list[int]:
+    """The training lengths (`allowed`) a scored set of `sequences`, scored `passes` times
+    in batches of `rows`, is padded to (`pipeline.scoring_lengths`): a scoring program's
+    compile priced, as a training bucket's, at `section.bucket_compile_steps` of its steps
+    at the set's mean length."""
+    lengths = [len(seq) for seq in sequences]
+    mean = sum(lengths) / max(1, len(lengths))
+    return pipeline.scoring_lengths(lengths, allowed, section.bucket_compile_steps * rows * mean,
+                                    passes)  # fmt: skip
 
 
 def bootstrap_settings(config: ml_collections.ConfigDict) -> bootstrap.Settings:

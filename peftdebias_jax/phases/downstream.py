@@ -163,14 +163,15 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
     runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
 
-    def prepare(examples) -> pipeline.Batches:
-        """Scored sets: evaluation-sized batches (fewer rows for a set too small to fill one
-        per length) in the training buckets' lengths (one compiled program per shape)."""
+    def prepare(examples, allowed: list[int], passes: int) -> pipeline.Batches:
+        """A scored set, scored `passes` times: evaluation-sized batches (fewer rows for a
+        set too small to fill one per length) in those of the `allowed` lengths worth their
+        predict program's compile (common.scoring_lengths)."""
         ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
-        rows = pipeline.evaluation_rows(len(ids), dn.eval_batch_size, len(batches.lengths),
+        rows = pipeline.evaluation_rows(len(ids), dn.eval_batch_size, len(allowed),
                                         runner.rows_multiple)  # fmt: skip
-        return pipeline.Batches(ids, rows, dn.max_len, pad, 0, types, ys,
-                                lengths=batches.lengths)  # fmt: skip
+        lengths = common.scoring_lengths(dn, ids, allowed, rows, passes)
+        return pipeline.Batches(ids, rows, dn.max_len, pad, 0, types, ys, lengths=lengths)
 
     def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
         predicted = np.zeros(len(prepared.sequences), np.int32)
@@ -182,7 +183,8 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
             predicted[rows] = np.argmax(logits[: spec.real], axis=-1)
         return predicted
 
-    validation = prepare(data["validation"])  # tokenized once, scored at every evaluation
+    # tokenized once, scored at every evaluation; the other sets reuse its predict programs
+    validation = prepare(data["validation"], batches.lengths, -(-num_steps // dn.eval_every))
 
     def evaluate(device_state) -> dict[str, float]:
         scores = score_split(task, labels, data["validation"], predict(device_state, validation),
@@ -228,7 +230,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     evaluations.update(data["extra"])
     files.make_directory(workdir / "predictions")
     for name, (split_task, examples) in evaluations.items():
-        prepared = validation if name == "validation" else prepare(examples)
+        prepared = validation if name == "validation" else prepare(examples, validation.lengths, 1)
         predicted = predict(device_state, prepared)
         results[name] = score_split(split_task, labels, examples, predicted, dn.groups,
                                     common.bootstrap_settings(config))  # fmt: skip

@@ -23,6 +23,7 @@ from peftdebias_jax.phases.common import (
     build_model,
     count_params,
     patch_spec,
+    scoring_lengths,
     sub_run,
     tokenizer_for,
 )
@@ -123,8 +124,10 @@ def train_mlm(
                                run_length=up.bucket_run_length, bucket_count=up.bucket_count,
                                **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
+    evaluations = -(-up.num_steps // up.eval_every)
+    eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size, evaluations)
     eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
-                                    seed=config.seed, lengths=batches.lengths)  # fmt: skip
+                                    seed=config.seed, lengths=eval_lengths)  # fmt: skip
     eval_rows = runner.local_rows(up.eval_batch_size)
 
     def evaluate(device_state) -> dict[str, float]:

@@ -30,7 +30,7 @@ XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 # a tiny test model); worth it before a train step only when the state is this large.
 DROP_CACHES_MIN_BYTES = 256 * 2**20
 # A full garbage collection walks the whole heap: 0.2-0.5 s once the libraries are loaded,
-# a tenth of the demo's wall time over its ~100 small compiles. Below this many bytes of
+# 27 s of the demo's 334 s over its 90 small compiles. Below this many bytes of
 # arguments a compile is followed by a young-generation collection instead, which holds all
 # of tracing's garbage (tracing runs with the collector off).
 FULL_COLLECT_MIN_BYTES = 256 * 2**20
