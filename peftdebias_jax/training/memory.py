@@ -66,7 +66,7 @@ def release_host_memory(drop_caches: bool = False, full: bool = True) -> bool:
     `full` False only the young ones), optionally drop JAX's caches of compiled programs
     (the one-off ones of initialisation and loading: 170 MB after a BERT-base random init),
     then trim glibc's heap. True if the heap was trimmed."""
-    gc.collect() if full else gc.collect(1)
+    gc.collect(2 if full else 1)
     if drop_caches:
         jax.clear_caches()
     trim = _malloc_trim()
@@ -82,7 +82,6 @@ def compiled_ahead(
     drops JAX's caches of one-off programs (for the job's big step). Call the result with
     the non-static arguments."""
     executable = cache.get(key)
-    full = tree_bytes(args) >= FULL_COLLECT_MIN_BYTES
     if executable is None:
         if drop_caches:
             release_host_memory(drop_caches=True)
@@ -106,5 +105,5 @@ def compiled_ahead(
             lowered_at - traced_at,
             time.perf_counter() - lowered_at,
         )
-        release_host_memory(full=full)
+        release_host_memory(full=tree_bytes(args) >= FULL_COLLECT_MIN_BYTES)
     return executable
