@@ -96,11 +96,15 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
 
     # the pretrain phase: a biased base built on a generated corpus with planted stereotypes
     # (data/stereotypes.py), written to `output` in the Hugging Face layout and reused by
-    # any run with the same settings; the demo presets start from it (model.name = output)
+    # any run with the same settings; the demo presets start from it (model.name = output).
+    # Every setting that shapes the base is here, none taken from config.upstream (whose
+    # loop settings it shares: eval_batch_size, steps_per_call, keep_checkpoints), so the
+    # cache's record is complete; its buckets are priced for the small demo encoder
     config.pretrain = ml_collections.ConfigDict(
         dict(output="runs/bases/stereotyped", corpus_size=20_000, rate=0.9, num_steps=6_000,
              batch_size=64, learning_rate=2e-3, max_len=32, eval_every=1_000, log_every=500,
-             seed=0)
+             seed=0, clip_norm=1.0, mlm_probability=0.15, max_predictions=-1, bucket_count=8,
+             bucket_run_length=10, bucket_compile_steps=2_000.0)
     )  # fmt: skip
     # the cross_axis phase: the other axis's upstream patch, for the axis-by-axis table
     other = "race" if gender else "gender"

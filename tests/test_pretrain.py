@@ -86,9 +86,37 @@ def test_pretrain_writes_a_loadable_base_and_reuses_it(tmp_path, monkeypatch):
     assert phases.pretrain.pretrain(config, tmp_path / "other") == output
     with pytest.raises(ConfigError, match=r"config\.pretrain\.output=.*other settings"):
         phases.pretrain.pretrain(tiny(tmp_path, rate=0.5), tmp_path / "other")
+    config.upstream.update(bucket_count=1, clip_norm=0.5, bucket_compile_steps=1.0)
+    assert phases.pretrain.pretrain(config, tmp_path / "other") == output, "not upstream's"
+    for changed in ({"bucket_count": 1}, {"clip_norm": 0.5}, {"mlm_probability": 0.2}):
+        with pytest.raises(ConfigError, match="other settings"):
+            phases.pretrain.pretrain(tiny(tmp_path, **changed), tmp_path / "other")
+    bf16 = tiny(tmp_path)
+    bf16.model.dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="other settings"):
+        phases.pretrain.pretrain(bf16, tmp_path / "other")
     (tmp_path / "foreign").mkdir()
     with pytest.raises(ConfigError, match="not written by the pretrain phase"):
         phases.pretrain.pretrain(tiny(tmp_path, output=str(tmp_path / "foreign")), tmp_path)
+
+
+def test_pretraining_reads_its_own_section_not_upstreams(tmp_path, monkeypatch):
+    config = tiny(tmp_path, bucket_count=3, bucket_run_length=5, bucket_compile_steps=7.0,
+                  clip_norm=0.25, mlm_probability=0.3, max_predictions=4)  # fmt: skip
+    config.upstream.update(bucket_count=8, bucket_run_length=10, bucket_compile_steps=4.0,
+                           clip_norm=1.0, mlm_probability=0.15, max_predictions=-1)  # fmt: skip
+    seen = {}
+
+    def spy(settings, *args, **kwargs):
+        seen.update(settings.upstream.to_dict())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(phases.pretrain, "train_mlm", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        phases.pretrain.pretrain(config, tmp_path / "work")
+    for key in ("bucket_count", "bucket_run_length", "bucket_compile_steps", "clip_norm",
+                "mlm_probability", "max_predictions"):  # fmt: skip
+        assert seen[key] == config.pretrain[key], key
 
 
 def test_a_run_on_the_base_builds_it_first(tmp_path):

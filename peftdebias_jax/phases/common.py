@@ -126,15 +126,19 @@ def check_mlm_head(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def compile_tokens(section: ml_collections.ConfigDict, sequences: Sequence, rows: int) -> float:
+    """A compiled program's price in padded tokens: `section.bucket_compile_steps` steps of
+    `rows` rows at the mean length of `sequences`."""
+    mean = sum(len(seq) for seq in sequences) / max(1, len(sequences))
+    return section.bucket_compile_steps * rows * mean
+
+
 def bucket_costs(section: ml_collections.ConfigDict, sequences: Sequence, updates: int) -> dict:
     """`pipeline.Batches`' compile_tokens and passes for a phase `section` that runs `updates`
-    batches over `sequences`: one more bucket's compile is priced as
-    `section.bucket_compile_steps` training steps at their mean length."""
-    lengths = [len(seq) for seq in sequences]
-    mean = sum(lengths) / max(1, len(lengths))
+    batches over `sequences` (`compile_tokens` prices one more bucket's compile)."""
     return {
-        "compile_tokens": section.bucket_compile_steps * section.batch_size * mean,
-        "passes": updates * section.batch_size / max(1, len(lengths)),
+        "compile_tokens": compile_tokens(section, sequences, section.batch_size),
+        "passes": updates * section.batch_size / max(1, len(sequences)),
     }
 
 
@@ -146,12 +150,10 @@ def scoring_lengths(
     passes: int,
 ) -> list[int]:
     """The training lengths (`allowed`) a scored set of `sequences`, scored `passes` times
-    in batches of `rows`, is padded to (`pipeline.scoring_lengths`): a scoring program's
-    compile priced, as a training bucket's, at `section.bucket_compile_steps` of its steps
-    at the set's mean length."""
+    in batches of `rows`, is padded to (`pipeline.scoring_lengths`), a scoring program's
+    compile priced as a training bucket's (`compile_tokens`)."""
     lengths = [len(seq) for seq in sequences]
-    mean = sum(lengths) / max(1, len(lengths))
-    return pipeline.scoring_lengths(lengths, allowed, section.bucket_compile_steps * rows * mean,
+    return pipeline.scoring_lengths(lengths, allowed, compile_tokens(section, sequences, rows),
                                     passes)  # fmt: skip
 
 

@@ -148,6 +148,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
                                weights=weights)  # fmt: skip
     steps_per_epoch = len(batches.training_epoch(0))
     num_steps = dn.num_steps or dn.epochs * steps_per_epoch
+    settings = FitSettings.of(dn, num_steps, "downstream", "config.downstream")
 
     def make_step(tx, axis_name):
         return steps.make_classification_train_step(module, tx, label_tree, axis_name,
@@ -184,7 +185,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         return predicted
 
     # tokenized once, scored at every evaluation; the other sets reuse its predict programs
-    validation = prepare(data["validation"], batches.lengths, -(-num_steps // dn.eval_every))
+    validation = prepare(data["validation"], batches.lengths, settings.evaluations)
 
     def evaluate(device_state) -> dict[str, float]:
         scores = score_split(task, labels, data["validation"], predict(device_state, validation),
@@ -198,7 +199,6 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         log.info("downstream: new best %s at step %d", results, step)
 
     metric = "eval_accuracy" if task.selection == "accuracy" else "eval_macro_f1"
-    settings = FitSettings.of(dn, num_steps, "downstream", "config.downstream")
     final, selection = fit(
         state=trainer.state,
         label_tree=label_tree,

@@ -30,10 +30,12 @@ RECORD = "pretrain.json"
 
 
 def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What the base depends on: the pretrain section and the architecture."""
+    """What the base depends on: the pretrain section, the architecture and the compute
+    dtype (the cache's key)."""
     section = config.pretrain.to_dict()
     section.pop("output")
-    return {"pretrain": section, "architecture": config.model.architecture.to_dict()}
+    return {"pretrain": section, "architecture": config.model.architecture.to_dict(),
+            "dtype": config.model.dtype}  # fmt: skip
 
 
 def cached_base(config: ml_collections.ConfigDict) -> Path | None:
@@ -81,7 +83,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     settings.upstream.update(
         num_steps=pt.num_steps, batch_size=pt.batch_size, learning_rate=pt.learning_rate,
         max_len=pt.max_len, eval_every=pt.eval_every, checkpoint_every=pt.eval_every,
-        log_every=pt.log_every, l1=0.0,
+        log_every=pt.log_every, l1=0.0, clip_norm=pt.clip_norm,
+        mlm_probability=pt.mlm_probability, max_predictions=pt.max_predictions,
+        bucket_count=pt.bucket_count, bucket_run_length=pt.bucket_run_length,
+        bucket_compile_steps=pt.bucket_compile_steps,
     )  # fmt: skip
     sequences = tuple(pipeline.encode(tokenizer, t, pt.max_len) for t in (train, validation))
     best_dir = workdir / "checkpoints" / "pretrain_best"

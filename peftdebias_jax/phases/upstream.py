@@ -124,8 +124,9 @@ def train_mlm(
                                run_length=up.bucket_run_length, bucket_count=up.bucket_count,
                                **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
-    evaluations = -(-up.num_steps // up.eval_every)
-    eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size, evaluations)
+    settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
+    eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size,
+                                   settings.evaluations)  # fmt: skip
     eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
                                     seed=config.seed, lengths=eval_lengths)  # fmt: skip
     eval_rows = runner.local_rows(up.eval_batch_size)
@@ -137,7 +138,6 @@ def train_mlm(
             results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
         return {"eval_loss": steps.hf_eval_loss(results)}
 
-    settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
     return fit(
         state=trainer.state,
         label_tree=label_tree,

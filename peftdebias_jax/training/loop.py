@@ -83,6 +83,11 @@ class FitSettings:
                    steps_per_call=section.steps_per_call, source=source, name=name,
                    keep_checkpoints=section.get("keep_checkpoints", 2))  # fmt: skip
 
+    @property
+    def evaluations(self) -> int:
+        """How many times `fit` evaluates: every `eval_every` steps and at the last one."""
+        return -(-self.num_steps // self.eval_every)
+
     def __post_init__(self) -> None:
         for key in ("eval_every", "log_every", "checkpoint_every", "steps_per_call",
                     "keep_checkpoints"):  # fmt: skip
