@@ -9,6 +9,7 @@ from config_fixtures import load_config
 from fit_fixtures import spy_on_fit
 
 from peftdebias_jax import masks, models, phases
+from peftdebias_jax.data import pipeline
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.phases import downstream
 
@@ -55,6 +56,29 @@ def test_ft_baseline_has_no_patch_and_fprd_for_hate(tmp_path, monkeypatch):
     assert not any(masks.patch_name(p) for p in captured["start"])
     for key in ("fprd_reference", "fprd_dixon", "fpr_reference_per_term", "macro_f1"):
         assert key in results["validation"], key
+
+
+def test_the_best_models_validation_scores_reuse_its_evaluation(tmp_path, monkeypatch):
+    """The validation set is scored once per evaluation, not again after training: the
+    best model's predictions are the ones its evaluation made."""
+    passes = []
+    evaluation = pipeline.Batches.evaluation
+
+    def counted(self):
+        passes.append(id(self))
+        return evaluation(self)
+
+    monkeypatch.setattr(pipeline.Batches, "evaluation", counted)
+    config = tiny("race_ft", num_steps=4, eval_every=2)
+    results = phases.downstream.downstream(config, tmp_path)
+    assert passes.count(passes[0]) == 2, "steps 2 and 4; the best's scores are reused"
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    best = results["selection"]["step"]
+    scored = next(m for m in metrics if m.get("step") == best and "eval_macro_f1" in m)
+    assert results["validation"]["macro_f1"] == pytest.approx(scored["eval_macro_f1"])
+    rows = [json.loads(x) for x in (tmp_path / "predictions" / "validation.jsonl").open()]
+    accuracy = 100 * np.mean([r["predicted"] == r["gold"] for r in rows])
+    assert results["validation"]["accuracy"] == pytest.approx(accuracy)
 
 
 def test_transfer_a_patch_to_another_dataset(tmp_path):

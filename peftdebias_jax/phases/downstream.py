@@ -187,8 +187,13 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     # tokenized once, scored at every evaluation; the other sets reuse its predict programs
     validation = prepare(data["validation"], batches.lengths, settings.evaluations)
 
+    # the validation predictions of the newest evaluation and of the best one: the best
+    # model's validation scores need no second pass when this process evaluated it
+    predicted_at: dict[str, np.ndarray] = {}
+
     def evaluate(device_state) -> dict[str, float]:
-        scores = score_split(task, labels, data["validation"], predict(device_state, validation),
+        predicted_at["newest"] = predict(device_state, validation)
+        scores = score_split(task, labels, data["validation"], predicted_at["newest"],
                              dn.groups)  # fmt: skip
         return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
 
@@ -196,6 +201,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
 
     def on_best(host_state: TrainState, step: int, results: dict) -> None:
         checkpoint.save_tree(best_dir, masks.split(host_state.params, label_tree)[0])
+        predicted_at["best"] = predicted_at["newest"]
         log.info("downstream: new best %s at step %d", results, step)
 
     metric = "eval_accuracy" if task.selection == "accuracy" else "eval_macro_f1"
@@ -230,8 +236,12 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     evaluations.update(data["extra"])
     files.make_directory(workdir / "predictions")
     for name, (split_task, examples) in evaluations.items():
-        prepared = validation if name == "validation" else prepare(examples, validation.lengths, 1)
-        predicted = predict(device_state, prepared)
+        if name != "validation":
+            predicted = predict(device_state, prepare(examples, validation.lengths, 1))
+        elif "best" in predicted_at:
+            predicted = predicted_at["best"]
+        else:  # the best model was evaluated by an earlier process (a resumed run)
+            predicted = predict(device_state, validation)
         results[name] = score_split(split_task, labels, examples, predicted, dn.groups,
                                     common.bootstrap_settings(config))  # fmt: skip
         write_predictions(workdir / "predictions" / f"{name}.jsonl", examples, labels, predicted)
