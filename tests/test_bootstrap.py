@@ -142,6 +142,20 @@ def test_score_split_reports_an_interval_around_every_number():
     assert "intervals" not in scoring.score_split(task, labels, examples, predicted)
 
 
+def test_a_split_too_small_for_tpr_gap_keeps_its_other_scores():
+    """No class with bios of both genders (a small validation set): TPR-GAP is recorded as
+    undefined, with why, and accuracy and its interval still stand."""
+    task = tasks.get("bias_bios")
+    examples = [e for e in synthetic.labelled("bias_bios", 300, seed=2) if e.group == "m"][:12]
+    labels = sorted({e.label for e in examples})
+    predicted = np.array([labels.index(e.label) for e in examples])
+    scores = scoring.score_split(task, labels, examples, predicted, settings=bootstrap.Settings(50))
+    assert "tpr_gap" not in scores and "both groups" in scores["tpr_gap_error"]
+    assert scores["accuracy"] == 100.0 and set(scores["intervals"]) == {"accuracy", "macro_f1"}
+    with pytest.raises(ValueError, match="both groups"):
+        extrinsic.tpr_gap_statistic(["a", "b"], ["a", "a"], ["m", "f"])
+
+
 def explicit_resamples(n: int, seed: int, count: int = 4):
     rng = np.random.default_rng(seed)
     draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(count)]

@@ -314,6 +314,8 @@ def tpr_gap_statistic(
     classes = sorted(set(y_true), key=str)
     true, pred = _indicators(y_true, classes), _indicators(y_pred, classes)
     first, second = (_indicators(groups, [g])[0] for g in pair)
+    if not np.any((true & first).any(axis=1) & (true & second).any(axis=1)):
+        raise ValueError(f"no class has examples of both groups {pair}")
 
     def statistic(w: np.ndarray) -> np.ndarray:
         gaps = rate(w, true & pred & first, true & first) - rate(

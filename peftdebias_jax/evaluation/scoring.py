@@ -7,6 +7,7 @@ a sum of rates, FN, DP and EO as rates.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +48,10 @@ def statistics(
         "macro_f1": _scaled(extrinsic.macro_f1_statistic(gold, predicted), 100.0),
     }
     if task.name == "bias_bios":
-        stats["tpr_gap"] = extrinsic.tpr_gap_statistic(gold, predicted, [e.group for e in examples])
+        with contextlib.suppress(ValueError):  # no class with both groups: score_split says
+            stats["tpr_gap"] = extrinsic.tpr_gap_statistic(
+                gold, predicted, [e.group for e in examples]
+            )
     if task.positive is not None:
         texts, negative = [e.text for e in examples], negative_label(task, labels)
         for variant in FPRD_VARIANTS:
@@ -90,8 +94,11 @@ def score_split(
         "macro_f1": 100 * extrinsic.macro_f1(gold, pred),
     }
     if task.name == "bias_bios":
-        gap = extrinsic.tpr_gap(gold, pred, [e.group for e in examples])
-        out.update(tpr_gap=gap.rms, tpr_gaps=gap.gaps, tpr_gap_skipped=gap.skipped)
+        try:
+            gap = extrinsic.tpr_gap(gold, pred, [e.group for e in examples])
+            out.update(tpr_gap=gap.rms, tpr_gaps=gap.gaps, tpr_gap_skipped=gap.skipped)
+        except ValueError as err:  # a small split: the other metrics still stand
+            out["tpr_gap_error"] = str(err)
     if task.positive is not None:
         texts, negative = [e.text for e in examples], negative_label(task, labels)
         for variant in FPRD_VARIANTS:
