@@ -7,11 +7,14 @@ the project's .venv):
     .venv-adapters/bin/python benchmarks/phases_bench.py [--updates 20] [--train-docs 640]
 
 Each side is one process, started cold: upstream (CDA + masked LM, seq_bn patch) and then
-downstream (classification, the patch frozen) on the same documents sampled from the Gab
-Hate Corpus (../shared/data/ghc), BERT-base shapes with random weights and the real
-bert-base-uncased vocabulary (all-MiniLM-L6-v2's tokenizer), batch 32, the same number of
-optimizer updates, one pass over the same validation documents, and each side's final save.
-"ours" runs `run.py --config=configs/race_adapter.py` with a fresh compilation cache;
+downstream (classification, the patch frozen) on the same sampled documents, BERT-base
+shapes with random weights and the real bert-base-uncased vocabulary (all-MiniLM-L6-v2's
+tokenizer), batch 32, the same number of optimizer updates, one pass over the same
+validation documents, and each side's final save. `--corpus ghc` (the default): Gab Hate
+Corpus posts (../shared/data/ghc), race CDA, the hate label, `configs/race_adapter.py`;
+`--corpus biasbios`: the BiasBios sample bios (../shared/data/bias_in_bios/samples, 280),
+gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch of 128 set to
+32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
 "ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed).
 Per side: wall time, time to the first update, compiles and their seconds, examples/s and
 real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes written.
@@ -40,7 +43,10 @@ import cpu_kind  # noqa: E402  (a sibling script, not a package)
 
 SHARED = ROOT.parent / "shared" / "data"
 GHC = SHARED / "ghc" / "ghc_train.tsv"
+BIOS = SHARED / "bias_in_bios" / "samples"
 WORDS = SHARED / "bias_attribute_words.json"
+# corpus -> (our config, default train and validation documents)
+CORPORA = {"ghc": ("race_adapter", 640, 128), "biasbios": ("gender_adapter", 224, 56)}
 SIDES = ("ours", "ours_warm", "reference", "tuned")
 PHASES = ("upstream", "downstream")
 BATCH = 32  # both race phases' batch size in the configs and the reference scripts
@@ -68,11 +74,27 @@ def write_base(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def write_sample(directory: Path, train: int, validation: int, seed: int) -> tuple[Path, Path]:
-    """Disjoint seeded samples of the Gab Hate Corpus file, in its own TSV layout."""
-    with GHC.open(newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        fields, rows = reader.fieldnames, list(reader)
+def corpus_rows(corpus: str) -> tuple[list[str], list[dict]]:
+    """(fields, rows): the Gab Hate Corpus file in its own layout, or the BiasBios sample
+    bios in the reference's (text, p = profession, g = gender)."""
+    if corpus == "ghc":
+        with GHC.open(newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            return list(reader.fieldnames or ()), list(reader)
+    rows = []
+    for path in sorted(BIOS.glob("*.csv")):
+        with path.open(newline="") as f:
+            rows += [{"text": r["hard_text"], "p": r["profession"], "g": r["gender"]}
+                     for r in csv.DictReader(f)]  # fmt: skip
+    return ["text", "p", "g"], rows
+
+
+def write_sample(directory: Path, corpus: str, train: int, validation: int,
+                 seed: int) -> tuple[Path, Path]:  # fmt: skip
+    """Disjoint seeded samples of the corpus, as TSV files."""
+    fields, rows = corpus_rows(corpus)
+    if train + validation > len(rows):
+        raise SystemExit(f"{corpus} has {len(rows)} documents: fewer than {train} + {validation}")
     chosen = np.random.default_rng(seed).permutation(len(rows))[: train + validation]
     paths = []
     for name, part in (("train", chosen[:train]), ("validation", chosen[train:])):
@@ -109,18 +131,19 @@ def directory_bytes(path: Path) -> int:
 
 
 def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, Path],
-         updates: int, patch: Path | None) -> dict:  # fmt: skip
-    """run.py on the race adapter config, this phase only, on the sampled documents."""
+         updates: int, patch: Path | None, corpus: str) -> dict:  # fmt: skip
+    """run.py on the corpus' adapter config, this phase only, on the sampled documents."""
     train, validation = data
     section = f"--config.{phase}"
     command = [
-        our_python(), "run.py", "--config=configs/race_adapter.py", f"--workdir={workdir}",
+        our_python(), "run.py", f"--config=configs/{CORPORA[corpus][0]}.py", f"--workdir={workdir}",
         f"--compile_cache={cache}", f"--config.model.name={base}", f"--config.phases=('{phase}',)",
         f"{section}.train_file={train}", f"{section}.validation_file={validation}",
         f"{section}.num_steps={updates}",
     ]  # fmt: skip
     if phase == "upstream":
         command += [f"--config.upstream.word_list={WORDS}"]
+        command += [f"--config.upstream.{key}={BATCH}" for key in ("batch_size", "eval_batch_size")]
     else:
         command += ["--config.downstream.test_file=", f"--config.downstream.patches=('{patch}',)"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -147,11 +170,11 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
 
 
 def torch_side(style: str, phase: str, out: Path, base: Path, data: tuple[Path, Path],
-               updates: int) -> dict:  # fmt: skip
+               updates: int, corpus: str) -> dict:  # fmt: skip
     train, validation = data
     command = [
         sys.executable, str(ROOT / "benchmarks" / "torch_phases.py"), f"--style={style}",
-        f"--phase={phase}", f"--model={base}", f"--train={train}",
+        f"--phase={phase}", f"--corpus={corpus}", f"--model={base}", f"--train={train}",
         f"--validation={validation}", f"--words={WORDS}", f"--updates={updates}",
         f"--batch-size={BATCH}", f"--out={out}", f"--started={time.time()}",
     ]  # fmt: skip
@@ -198,19 +221,23 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=20, help="optimizer updates per phase")
-    parser.add_argument("--train-docs", type=int, default=640)
-    parser.add_argument("--validation-docs", type=int, default=128)
+    parser.add_argument("--corpus", choices=tuple(CORPORA), default="ghc")
+    parser.add_argument("--train-docs", type=int, help="default: 640 (ghc), 224 (biasbios)")
+    parser.add_argument("--validation-docs", type=int, help="default: 128 (ghc), 56 (biasbios)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    _, train_docs, validation_docs = CORPORA[args.corpus]
+    args.train_docs = args.train_docs or train_docs
+    args.validation_docs = args.validation_docs or validation_docs
     if "downstream" in args.phases and "ours" in args.sides and "upstream" not in args.phases:
         parser.error("ours' downstream loads ours' upstream patch: run both phases")
     scratch = Path(tempfile.mkdtemp(prefix="phases-bench-"))
     try:
         base = scratch / "bert-base-random"
         write_base(base)
-        data = write_sample(scratch, args.train_docs, args.validation_docs, seed=0)
+        data = write_sample(scratch, args.corpus, args.train_docs, args.validation_docs, seed=0)
         cache = scratch / "xla-cache"
         results: dict[str, dict] = {}
         for phase in args.phases:
@@ -220,10 +247,11 @@ def main() -> None:
                 if side.startswith("ours"):
                     workdir = scratch / side
                     patch = scratch / side / "patch" if phase == "downstream" else None
-                    result = ours(phase, workdir, cache, base, data, args.updates, patch)
+                    result = ours(phase, workdir, cache, base, data, args.updates, patch,
+                                  args.corpus)  # fmt: skip
                 else:
                     result = torch_side(side, phase, scratch / f"{side}-{phase}", base, data,
-                                        args.updates)  # fmt: skip
+                                        args.updates, args.corpus)  # fmt: skip
                 results[phase][side] = figures(result)
                 print(json.dumps(results[phase][side], indent=1), flush=True)
         kind = cpu_kind.describe()
@@ -234,12 +262,14 @@ def main() -> None:
             "machine": {"cpu": kind, "cores": os.cpu_count()},
             "settings": {"updates": args.updates, "batch_size": BATCH,
                          "train_docs": args.train_docs, "validation_docs": args.validation_docs,
-                         "corpus": "shared/data/ghc/ghc_train.tsv",
+                         "corpus": str((GHC if args.corpus == "ghc" else BIOS).relative_to(
+                             ROOT.parent)),
                          "model": "BERT-base shapes, random weights"},
             "results": results,
         }  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"phases-cpu-{os.cpu_count()}core-{kind['tag']}-{record['date']}.json"
+        case = "" if args.corpus == "ghc" else f"-{args.corpus}"
+        name = f"phases{case}-cpu-{os.cpu_count()}core-{kind['tag']}-{record['date']}.json"
         (args.out / name).write_text(json.dumps(record, indent=1) + "\n")
         print(f"\nCPU: {kind['label']}\n\n{table(results)}\n\nwritten: {args.out / name}")
     finally:

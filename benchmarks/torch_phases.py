@@ -2,10 +2,12 @@
 
 `python benchmarks/torch_phases.py --style reference|tuned --phase upstream|downstream ...`
 (run by phases_bench.py in the environment with torch, transformers 4.57 and `adapters`).
-Both styles: the same BERT checkpoint and tokenizer, the same sampled documents, a seq_bn
-adapter (reduction 16), AdamW (eps 1e-8, no weight decay), linear decay, clipping at 1.0, a
-Trainer-style loop of `--updates` optimizer updates, then one pass over the validation set and
-the save the reference makes at the end. They differ where the issue says they do:
+Both styles: the same BERT checkpoint and tokenizer, the same sampled documents (`--corpus`:
+Gab Hate Corpus posts with the race ("group") CDA list and the hate label, or BiasBios bios
+with the gender list and the 28-profession label), a seq_bn adapter (reduction 16), AdamW
+(eps 1e-8, no weight decay), linear decay, clipping at 1.0, a Trainer-style loop of
+`--updates` optimizer updates, then one pass over the validation set and the save the
+reference makes at the end. They differ where the issue says they do:
 
 - reference (METHOD.md §3.2, §5.2): upstream documents are tokenized in map batches of 1,000,
   each padded to its longest document (max 256), decoded with their special tokens, swapped
@@ -45,6 +47,74 @@ def read_rows(path: Path) -> list[dict]:
 def hate_label(row: dict) -> int:
     """The Gab Hate Corpus label, as our task reads it: hate = hd or cv."""
     return int(row["hd"] == "1" or row["cv"] == "1")
+
+
+# BiasBios' 28 professions (METHOD.md §5.1), in the order of the label's index
+PROFESSIONS = (
+    "accountant",
+    "architect",
+    "attorney",
+    "chiropractor",
+    "comedian",
+    "composer",
+    "dentist",
+    "dietitian",
+    "dj",
+    "filmmaker",
+    "interior_designer",
+    "journalist",
+    "model",
+    "nurse",
+    "painter",
+    "paralegal",
+    "pastor",
+    "personal_trainer",
+    "photographer",
+    "physician",
+    "poet",
+    "professor",
+    "psychologist",
+    "rapper",
+    "software_engineer",
+    "surgeon",
+    "teacher",
+    "yoga_teacher",
+)
+
+
+class Corpus:
+    """What differs between the two cases: the label, the class weights, the CDA list."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        hate = name == "ghc"
+        self.num_labels = 2 if hate else len(PROFESSIONS)
+        self.weights = [1.0, 10.0] if hate else None  # the reference's GHC weights; none
+        self.words_key = "group" if hate else "gender"
+
+    def label(self, row: dict) -> int:
+        return hate_label(row) if self.name == "ghc" else PROFESSIONS.index(row["p"])
+
+    def cda(self, words_file: Path):
+        return (GroupCda if self.name == "ghc" else GenderCda)(words_file, self.words_key)
+
+
+class GenderCda:
+    """The reference's two-sided gender CDA (METHOD.md §3.2.1): every word of a (male,
+    female) pair swapped for its partner, the last matching pair winning; [counterfactual,
+    original] when something was swapped, nothing (the document dropped) otherwise."""
+
+    def __init__(self, words_file: Path, key: str) -> None:
+        pairs = json.loads(words_file.read_text())[key]
+        pairs = pairs + [[w + p for w in pair] for p in ".,?!;:" for pair in pairs]
+        self.partner: dict[str, str] = {}
+        for male, female in pairs:  # later pairs overwrite: the last match wins
+            self.partner[male], self.partner[female] = female, male
+
+    def __call__(self, text: str) -> list[str]:
+        words = text.split()
+        swapped = [self.partner.get(w, w) for w in words]
+        return [" ".join(swapped), text] if swapped != words else []
 
 
 class GroupCda:
@@ -131,6 +201,7 @@ def main() -> None:
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--validation", type=Path, required=True)
     parser.add_argument("--words", type=Path, required=True)
+    parser.add_argument("--corpus", choices=("ghc", "biasbios"), default="ghc")
     parser.add_argument("--updates", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
@@ -148,7 +219,8 @@ def main() -> None:
     pad = tokenizer.pad_token_id
     train, validation = read_rows(args.train), read_rows(args.validation)
     upstream = args.phase == "upstream"
-    cda = GroupCda(args.words, "group") if upstream else None
+    corpus = Corpus(args.corpus)
+    cda = corpus.cda(args.words) if upstream else None
     max_len = 256 if upstream else 128
 
     def sequences(rows):
@@ -160,7 +232,7 @@ def main() -> None:
         return tokenizer(texts, truncation=True, padding="max_length", max_length=128)["input_ids"]
 
     train_ids, eval_ids = sequences(train), sequences(validation)
-    train_y = np.asarray([hate_label(r) for r in train])
+    train_y = np.asarray([corpus.label(r) for r in train])
 
     if upstream:
         model = transformers.BertForMaskedLM.from_pretrained(
@@ -169,7 +241,7 @@ def main() -> None:
         collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     else:
         model = transformers.BertForSequenceClassification.from_pretrained(
-            args.model, num_labels=2, attn_implementation=attention
+            args.model, num_labels=corpus.num_labels, attn_implementation=attention
         )
     adapters.init(model)
     model.add_adapter("debias", config=adapters.SeqBnConfig(reduction_factor=16))
@@ -186,7 +258,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=5e-5 if upstream else 2e-5, eps=1e-8,
                                   weight_decay=0.0)  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / args.updates)
-    weights = torch.tensor([1.0, 10.0])  # the reference's GHC class weights
+    weights = torch.tensor(corpus.weights) if corpus.weights else None
 
     def real_lengths(rows) -> list[int]:
         """Tokens that are not padding (the reference's rows come padded already)."""
