@@ -299,7 +299,9 @@ class TrainCheckpoints:
 
     Each checkpoint holds a pytree (trainable params, optimizer state, step, rng) and a
     JSON record (data position, best metric so far, ...). Frozen weights are not saved:
-    they come back from the pretrained checkpoint the config names.
+    they come back from the pretrained checkpoint the config names. A tree saved without
+    "opt_state" (a finished phase's last step) has `"optimizer": false` in its record and
+    restores without it.
     """
 
     def __init__(self, directory: str | Path, max_to_keep: int = 2) -> None:
@@ -336,7 +338,11 @@ class TrainCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """The saved tree (shaped like `target`) and record of `step`."""
+        """The saved tree (shaped like `target`, less "opt_state" when it was saved without
+        it) and record of `step`."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+        if saved["record"].get("optimizer") is False:
+            target = {key: value for key, value in target.items() if key != "opt_state"}
         abstract = jax.tree_util.tree_map(
             lambda x: (
                 jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) if hasattr(x, "shape") else x

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from config_fixtures import load_config
 from fit_fixtures import spy_on_fit
@@ -11,6 +12,7 @@ from fit_fixtures import spy_on_fit
 from peftdebias_jax import masks, models, phases
 from peftdebias_jax.data import pipeline
 from peftdebias_jax.data.records import DataError
+from peftdebias_jax.errors import CheckpointError
 from peftdebias_jax.phases import downstream
 
 
@@ -79,6 +81,29 @@ def test_the_best_models_validation_scores_reuse_its_evaluation(tmp_path, monkey
     rows = [json.loads(x) for x in (tmp_path / "predictions" / "validation.jsonl").open()]
     accuracy = 100 * np.mean([r["predicted"] == r["gold"] for r in rows])
     assert results["validation"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_a_finished_phase_keeps_its_last_step_without_the_optimizer_state(tmp_path):
+    """The last checkpoint of a finished phase holds weights, step and rng but not AdamW's
+    moments (twice the weights under full fine-tuning); the phase still restores from it,
+    and training on past it is refused with what to do."""
+    config = tiny("race_ft", num_steps=4, eval_every=4, checkpoint_every=2)
+    first = phases.downstream.downstream(config, tmp_path)
+    directory = tmp_path / "checkpoints" / "downstream"
+    with ocp.StandardCheckpointer() as reader:
+        earlier, last = (reader.restore(directory / str(s) / "state") for s in (2, 4))
+    assert "opt_state" in earlier and "opt_state" not in last and int(last["step"]) == 4
+
+    def size(step):
+        return sum(f.stat().st_size for f in (directory / str(step)).rglob("*") if f.is_file())
+
+    assert size(4) < size(2) / 2, (size(4), size(2))
+    (tmp_path / "downstream.done.json").unlink()  # as if stopped after training
+    again = phases.downstream.downstream(config, tmp_path)
+    assert again["validation"]["accuracy"] == first["validation"]["accuracy"]
+    (tmp_path / "downstream.done.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.downstream\.num_steps=4"):
+        phases.downstream.downstream(tiny("race_ft", num_steps=6, eval_every=4), tmp_path)
 
 
 def test_transfer_a_patch_to_another_dataset(tmp_path):

@@ -173,17 +173,20 @@ def restore_latest_readable(
     return None
 
 
-def checkpoint_tree(state: TrainState, label_tree: Any) -> dict[str, Any]:
-    """What a checkpoint stores: trainable params (frozen ones come from the base model)."""
+def checkpoint_tree(state: TrainState, label_tree: Any, optimizer: bool = True) -> dict[str, Any]:
+    """What a checkpoint stores: trainable params (frozen ones come from the base model),
+    the optimizer state unless `optimizer` is False (no step follows a finished phase's
+    last one: full fine-tuning's AdamW moments are twice its weights), step and rng."""
     trainable, _ = masks.split(state.params, label_tree)
-    return {"params": trainable, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    tree = {"params": trainable, "step": state.step, "rng": state.rng}
+    return {**tree, "opt_state": state.opt_state} if optimizer else tree
 
 
 def restore_into(state: TrainState, tree: dict[str, Any], label_tree: Any) -> TrainState:
     _, frozen = masks.split(state.params, label_tree)
     return state.replace(
         params=masks.merge(tree["params"], frozen),
-        opt_state=tree["opt_state"],
+        opt_state=tree.get("opt_state", state.opt_state),
         step=tree["step"],
         rng=tree["rng"],
     )
@@ -220,6 +223,13 @@ def fit(
     )
     if restored is not None:
         latest, tree, record = restored
+        if "opt_state" not in tree and latest < settings.num_steps:
+            raise CheckpointError(
+                f"{checkpoints.directory}: step {latest} finished this phase at its earlier "
+                f"num_steps and keeps no optimizer state to train on to {settings.num_steps}; "
+                f"set {settings.source}.num_steps={latest}, or delete that directory to "
+                "train from the start"
+            )
         state = restore_into(state, tree, label_tree)
         epoch, index = record["epoch"], record["index"]
         if selection is not None and record.get("selection"):
@@ -322,12 +332,15 @@ def fit(
                         "epoch": position[0],
                         "index": position[1],
                         "selection": selection.to_record() if selection else None,
+                        "optimizer": not last,
                     }
                     host_state = runner.get_state(device_state)
-                    checkpoints.save(done, checkpoint_tree(host_state, label_tree), record)
-                    log.info("%s: checkpoint of step %d saved; %d kept, %.1f MB in %s",
-                             settings.name, done, len(checkpoints.all_steps()),
-                             checkpoints.disk_bytes() / 2**20, checkpoints.directory)  # fmt: skip
+                    tree = checkpoint_tree(host_state, label_tree, optimizer=not last)
+                    checkpoints.save(done, tree, record)
+                    log.info("%s: checkpoint of step %d saved%s; %d kept, %.1f MB in %s",
+                             settings.name, done, " (finished: no optimizer state)" if last else "",
+                             len(checkpoints.all_steps()), checkpoints.disk_bytes() / 2**20,
+                             checkpoints.directory)  # fmt: skip
                     clock.mark()
                 if signum is not None:
                     raise interrupts.Interrupted(settings.name, done, signum)
