@@ -49,37 +49,8 @@ def hate_label(row: dict) -> int:
     return int(row["hd"] == "1" or row["cv"] == "1")
 
 
-# BiasBios' 28 professions (METHOD.md §5.1), in the order of the label's index
-PROFESSIONS = (
-    "accountant",
-    "architect",
-    "attorney",
-    "chiropractor",
-    "comedian",
-    "composer",
-    "dentist",
-    "dietitian",
-    "dj",
-    "filmmaker",
-    "interior_designer",
-    "journalist",
-    "model",
-    "nurse",
-    "painter",
-    "paralegal",
-    "pastor",
-    "personal_trainer",
-    "photographer",
-    "physician",
-    "poet",
-    "professor",
-    "psychologist",
-    "rapper",
-    "software_engineer",
-    "surgeon",
-    "teacher",
-    "yoga_teacher",
-)
+# BiasBios' label map (the INLP split's 28 professions; METHOD.md §5.1)
+PROFESSIONS = Path(__file__).resolve().parents[2] / "shared/data/bias_in_bios/profession2index.txt"
 
 
 class Corpus:
@@ -88,12 +59,14 @@ class Corpus:
     def __init__(self, name: str) -> None:
         self.name = name
         hate = name == "ghc"
-        self.num_labels = 2 if hate else len(PROFESSIONS)
         self.weights = [1.0, 10.0] if hate else None  # the reference's GHC weights; none
         self.words_key = "group" if hate else "gender"
+        lines = [] if hate else PROFESSIONS.read_text().split("\n")
+        self.professions = dict(line.split("\t") for line in lines if line.strip())
+        self.num_labels = 2 if hate else len(self.professions)
 
     def label(self, row: dict) -> int:
-        return hate_label(row) if self.name == "ghc" else PROFESSIONS.index(row["p"])
+        return hate_label(row) if self.name == "ghc" else int(self.professions[row["p"]])
 
     def cda(self, words_file: Path):
         return (GroupCda if self.name == "ghc" else GenderCda)(words_file, self.words_key)
