@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--validation-docs", type=int, help="default: 128 (ghc), 56 (biasbios)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--skip", nargs="*", default=[], metavar="PHASE:SIDE",
+                        help="runs left out, e.g. upstream:reference (the longest)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     _, train_docs, validation_docs = CORPORA[args.corpus]
@@ -243,6 +245,8 @@ def main() -> None:
         for phase in args.phases:
             results[phase] = {}
             for side in args.sides:
+                if f"{phase}:{side}" in args.skip:
+                    continue
                 print(f"{phase}: {side} ...", flush=True)
                 if side.startswith("ours"):
                     workdir = scratch / side
@@ -260,7 +264,7 @@ def main() -> None:
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip(),
             "machine": {"cpu": kind, "cores": os.cpu_count()},
-            "settings": {"updates": args.updates, "batch_size": BATCH,
+            "settings": {"updates": args.updates, "batch_size": BATCH, "skipped": args.skip,
                          "train_docs": args.train_docs, "validation_docs": args.validation_docs,
                          "corpus": str((GHC if args.corpus == "ghc" else BIOS).relative_to(
                              ROOT.parent)),
