@@ -1,5 +1,6 @@
 """The whole-phase benchmark's PyTorch sides prepare the same examples as ours: the same CDA
-outputs on real Gab Hate Corpus posts, every row once an epoch, grouped batches sorted."""
+outputs on real Gab Hate Corpus posts and BiasBios bios, every row once an epoch, grouped
+batches sorted."""
 
 import csv
 import sys
@@ -23,6 +24,18 @@ def test_reference_cda_matches_ours_on_real_posts():
     ours = cda.Augmenter.from_word_lists(cda.load_word_lists(WORDS), "group", "reference")
     assert [theirs(p) for p in posts] == [ours(p) for p in posts]
     assert sum(len(ours(p)) > 1 for p in posts) > 100, "many posts are augmented"
+
+
+def test_reference_gender_cda_matches_ours_on_real_bios():
+    bios = []
+    for path in sorted((SHARED_DATA / "bias_in_bios" / "samples").glob("*.csv")):
+        with path.open(newline="") as f:
+            bios += [row["hard_text"].lower() for row in csv.DictReader(f)]
+    theirs = torch_phases.GenderCda(WORDS, "gender")
+    ours = cda.Augmenter.from_word_lists(cda.load_word_lists(WORDS), "gender", "reference")
+    assert [theirs(b) for b in bios] == [ours(b) for b in bios]
+    assert sum(len(ours(b)) == 2 for b in bios) > 200 and any(not ours(b) for b in bios)
+    assert torch_phases.Corpus("biasbios").label({"p": "yoga_teacher"}) == 27
 
 
 def test_batches_cover_each_epoch_and_groups_are_sorted():
