@@ -341,7 +341,8 @@ class TrainCheckpoints:
         """The saved tree (shaped like `target`, less "opt_state" when it was saved without
         it) and record of `step`."""
         saved = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-        if saved["record"].get("optimizer") is False:
+        record = dict(saved["record"])
+        if record.get("optimizer") is False:
             target = {key: value for key, value in target.items() if key != "opt_state"}
         abstract = jax.tree_util.tree_map(
             lambda x: (
@@ -350,12 +351,9 @@ class TrainCheckpoints:
             jax.device_get(target),
         )
         restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
-        return restored["state"], dict(restored["record"])
+        return restored["state"], record
 
     def close(self) -> None:
         self.manager.close()
