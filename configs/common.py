@@ -198,7 +198,7 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.eval_every = 5_000 if gender else 1_000
     config.downstream.log_every = 50
     config.downstream.checkpoint_every = 1_000
-    config.downstream.keep_checkpoints = 2  # the newest kept (the best: downstream_best/)
+    config.downstream.keep_checkpoints = 2  # the newest kept (an earlier best: downstream_best/)
     config.downstream.steps_per_call = 10  # as config.upstream.steps_per_call
     config.downstream.bucket_run_length = 10  # as config.upstream.bucket_run_length
     config.downstream.bucket_count = 8  # as config.upstream.bucket_count

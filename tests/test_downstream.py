@@ -83,6 +83,50 @@ def test_the_best_models_validation_scores_reuse_its_evaluation(tmp_path, monkey
     assert results["validation"]["accuracy"] == pytest.approx(accuracy)
 
 
+def scripted_selection(monkeypatch, f1_per_evaluation):
+    """Makes the evaluations during training score these macro-F1s, in order (the final
+    scoring, with bootstrap settings, is left as it is)."""
+    scores = iter(f1_per_evaluation)
+    real = downstream.score_split
+
+    def scripted(*args):
+        result = real(*args)
+        return result if len(args) > 5 else {**result, "macro_f1": next(scores)}
+
+    monkeypatch.setattr(downstream, "score_split", scripted)
+
+
+def saved_params(directory, step):
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(directory / str(step) / "state")["params"]
+
+
+@pytest.mark.parametrize(
+    ("f1s", "best"), [((0.5, 0.4, 0.3), 2), ((0.5, 0.4, 0.9), 6)], ids=["earlier", "last"]
+)
+def test_the_best_weights_are_written_once(tmp_path, monkeypatch, f1s, best):
+    """The best step's trainable weights are kept in downstream_best/ unless the best is the
+    last step, whose weights the final checkpoint already holds (an earlier best, beaten at
+    the last step, is removed). The validation scores are the best step's."""
+    scripted_selection(monkeypatch, f1s)
+    config = tiny("race_ft", num_steps=6, eval_every=2, checkpoint_every=2, keep_checkpoints=3)
+    results = phases.downstream.downstream(config, tmp_path)
+    assert results["selection"]["step"] == best
+    assert (tmp_path / downstream.BEST_DIR).exists() == (best != 6)
+    chosen = downstream.best_trainable(tmp_path, results)
+    expected = saved_params(tmp_path / "checkpoints" / "downstream", best)
+    other = saved_params(tmp_path / "checkpoints" / "downstream", 4)
+    flat = {k: dict(jax.tree_util.tree_flatten_with_path(t)[0]) for k, t in
+            (("chosen", chosen), ("expected", expected), ("other", other))}  # fmt: skip
+    assert flat["chosen"].keys() == flat["expected"].keys()
+    for path, value in flat["chosen"].items():
+        np.testing.assert_array_equal(value, flat["expected"][path])
+    assert any(not np.array_equal(v, flat["other"][p]) for p, v in flat["chosen"].items())
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    scored = next(m for m in metrics if m.get("step") == best and "eval_accuracy" in m)
+    assert results["validation"]["accuracy"] == pytest.approx(scored["eval_accuracy"])
+
+
 def test_a_finished_phase_keeps_its_last_step_without_the_optimizer_state(tmp_path):
     """The last checkpoint of a finished phase holds weights, step and rng but not AdamW's
     moments (twice the weights under full fine-tuning); the phase still restores from it,

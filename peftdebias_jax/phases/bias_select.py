@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from peftdebias_jax import checkpoint, files, masks
+from peftdebias_jax import files, masks
 from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.importance import bias_scores as bs
 from peftdebias_jax.phases.common import build_model, sub_run, tokenizer_for
-from peftdebias_jax.phases.downstream import downstream
+from peftdebias_jax.phases.downstream import best_trainable, downstream
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     else:
         probe, directory = sub_run(config, workdir, "bias_probe")
         probe.downstream.trainable, probe.phases = "bitfit", ("downstream",)
-        downstream(probe, directory)
+        probe_results = downstream(probe, directory)
         tokenizer = tokenizer_for(probe, directory)
     module, params = build_model(config, "classifier", len(labels), tokenizer=tokenizer)
     if criterion == bs.FISHER:
@@ -72,7 +72,7 @@ def bias_select(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             (batches.materialize(spec) for spec in batches.evaluation()),
         )
     else:
-        probe_best = checkpoint.load_tree(directory / "checkpoints" / "downstream_best")
+        probe_best = best_trainable(directory, probe_results)
         scores = bs.change_scores(probe_best, params, criterion)
     candidates = config.beft.candidates
     record = bs.summary(scores, criterion, bs.select(scores, candidates), candidates)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from peftdebias_jax import checkpoint, files, masks, peft, trainable_sets
+from peftdebias_jax import checkpoint, files, masks, peft, processes, trainable_sets
 from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation.scoring import score_split
@@ -35,6 +36,9 @@ from peftdebias_jax.training.state import TrainState
 from peftdebias_jax.training.trainer import Optimizer, build_trainer
 
 log = logging.getLogger(__name__)
+
+# the best step's trainable weights, when the best is not the last step (`best_trainable`)
+BEST_DIR = Path("checkpoints") / "downstream_best"
 
 
 def patch_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
@@ -197,10 +201,11 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
                              dn.groups)  # fmt: skip
         return {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
 
-    best_dir = workdir / "checkpoints" / "downstream_best"
+    best_dir = workdir / BEST_DIR
 
     def on_best(host_state: TrainState, step: int, results: dict) -> None:
-        checkpoint.save_tree(best_dir, masks.split(host_state.params, label_tree)[0])
+        if step < num_steps:  # the last step's weights are the phase's final checkpoint
+            checkpoint.save_tree(best_dir, masks.split(host_state.params, label_tree)[0])
         predicted_at["best"] = predicted_at["newest"]
         log.info("downstream: new best %s at step %d", results, step)
 
@@ -218,8 +223,11 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         selection=Selection(metric, "max"),
         on_best=on_best,
     )
-    best = final
-    if best_dir.exists():
+    if selection.best_step == int(final.step):
+        best = final
+        if best_dir.exists() and processes.is_writer():  # an earlier best, now beaten
+            shutil.rmtree(best_dir)
+    else:
         trainable = checkpoint.load_tree(best_dir)
         best = final.replace(
             params=masks.merge(trainable, masks.split(final.params, label_tree)[1])
@@ -249,6 +257,17 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     files.write_json(workdir / "downstream_results.json", results)
     print_results(results)
     return results
+
+
+def best_trainable(workdir: Path, results: dict[str, Any]) -> Any:
+    """The trainable weights of a finished downstream phase's best step (`results`: its
+    downstream_results.json): `checkpoints/downstream_best/`, or the final checkpoint when
+    the last evaluation was the best (those weights are not written twice)."""
+    step = results["selection"]["step"]
+    if step == results["steps"]:
+        return checkpoint.load_tree(Path(workdir) / "checkpoints" / "downstream" / str(step) /
+                                    "state")["params"]  # fmt: skip
+    return checkpoint.load_tree(Path(workdir) / BEST_DIR)
 
 
 def baseline(config: ml_collections.ConfigDict, workdir: Path) -> dict:
