@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,38 +54,6 @@ def step_flops(case: str, a: argparse.Namespace) -> float:
         forward += 2 * a.batch * masked * a.hidden * (a.hidden + a.vocab)
         return 2.0 * forward
     return 3.0 * forward
-
-
-def matmul_peak(dtype: str, size: int) -> dict[str, float]:
-    """GFLOP/s of a size^3 matmul in jax and in torch: the best of 10 after warm-up (a peak,
-    so the fastest; on a shared VM the median wanders by 50%)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    out = {}
-    x = jnp.ones((size, size), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    out["jax"] = 2 * size**3 / min(times) / 1e9
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                   device=device)  # fmt: skip
-    t @ t
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        t @ t
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    out["torch"] = 2 * size**3 / min(times) / 1e9
-    return out
 
 
 class Worker:
@@ -242,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.calls, a.warmup, a.crows_pairs = min(a.calls, 2), 1, min(a.crows_pairs, 4)
         a.steps_per_call = min(a.steps_per_call, 3)
         a.seq = min(a.seq, 32)
-    peaks = matmul_peak(a.dtype, 512 if a.quick else 2048)
+    peaks = cpu_kind.matmul_peak(a.dtype, 512 if a.quick else 2048)
     record = {
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
@@ -269,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     for case in a.cases:
         print(f"benchmarking {case} ...", file=sys.stderr, flush=True)
         record["cases"][case] = run_case(case, a)
-    after = matmul_peak(a.dtype, 512 if a.quick else 2048)  # the machine may have sped up
+    after = cpu_kind.matmul_peak(a.dtype, 512 if a.quick else 2048)  # the machine may have sped up
     record["matmul_peak_gflops_after"] = after
     peak = max(*peaks.values(), *after.values())  # the best of the two measurements
     for result in record["cases"].values():

@@ -1,11 +1,13 @@
 """Which CPU a benchmark ran on: its model and the vector / matrix extensions that decide
 how fast matmuls run (AVX2, AVX-512, AVX512-BF16, AMX), so that every figure carries them.
 Ratios measured on an AVX2 EPYC and on an AMX Xeon differ; a figure without its CPU kind
-cannot be compared with another."""
+cannot be compared with another. `matmul_peak` says how fast the machine ran that day (a
+shared VM's speed wanders from day to day)."""
 
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -47,3 +49,35 @@ def tag(present: list[str]) -> str:
         if name in present:
             return short
     return "plain"
+
+
+def matmul_peak(dtype: str, size: int) -> dict[str, float]:
+    """GFLOP/s of a size^3 matmul in jax and in torch: the best of 10 after warm-up (a peak,
+    so the fastest; on a shared VM the median wanders by 50%)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    out = {}
+    x = jnp.ones((size, size), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    out["jax"] = 2 * size**3 / min(times) / 1e9
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                   device=device)  # fmt: skip
+    t @ t
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        t @ t
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    out["torch"] = 2 * size**3 / min(times) / 1e9
+    return out

@@ -235,6 +235,7 @@ def main() -> None:
     args.validation_docs = args.validation_docs or validation_docs
     if "downstream" in args.phases and "ours" in args.sides and "upstream" not in args.phases:
         parser.error("ours' downstream loads ours' upstream patch: run both phases")
+    peak_before = cpu_kind.matmul_peak("float32", 2048)  # this machine's speed today
     scratch = Path(tempfile.mkdtemp(prefix="phases-bench-"))
     try:
         base = scratch / "bert-base-random"
@@ -263,7 +264,9 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip(),
-            "machine": {"cpu": kind, "cores": os.cpu_count()},
+            "machine": {"cpu": kind, "cores": os.cpu_count(),
+                        "matmul_peak_gflops": peak_before,
+                        "matmul_peak_gflops_after": cpu_kind.matmul_peak("float32", 2048)},
             "settings": {"updates": args.updates, "batch_size": BATCH, "skipped": args.skip,
                          "train_docs": args.train_docs, "validation_docs": args.validation_docs,
                          "corpus": str((GHC if args.corpus == "ghc" else BIOS).relative_to(
@@ -273,9 +276,16 @@ def main() -> None:
         }  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         case = "" if args.corpus == "ghc" else f"-{args.corpus}"
-        name = f"phases{case}-cpu-{os.cpu_count()}core-{kind['tag']}-{record['date']}.json"
+        name = (
+            f"phases{case}-cpu-{os.cpu_count()}core-{kind['tag']}-{record['date']}-"
+            f"{record['commit']}.json"
+        )
         (args.out / name).write_text(json.dumps(record, indent=1) + "\n")
-        print(f"\nCPU: {kind['label']}\n\n{table(results)}\n\nwritten: {args.out / name}")
+        machine = record["machine"]
+        speeds = [", ".join(f"{side} {gflops:.0f}" for side, gflops in machine[key].items())
+                  for key in ("matmul_peak_gflops", "matmul_peak_gflops_after")]  # fmt: skip
+        print(f"\nCPU: {kind['label']}; 2048^3 fp32 matmul GFLOP/s before: {speeds[0]}, "
+              f"after: {speeds[1]}\n\n{table(results)}\n\nwritten: {args.out / name}")  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -34,3 +34,8 @@ def test_without_cpuinfo_the_platform_names_it():
 
 def test_this_machine_is_described():
     assert cpu_kind.describe()["label"]
+
+
+def test_the_matmul_peak_is_measured_in_both_frameworks():
+    peaks = cpu_kind.matmul_peak("float32", 128)
+    assert set(peaks) == {"jax", "torch"} and all(v > 0 for v in peaks.values())
