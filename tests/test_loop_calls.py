@@ -117,6 +117,7 @@ def test_any_steps_per_call_trains_as_one_step_per_call_on_mixed_lengths(tmp_pat
         params, lines, calls, runner = train(tmp_path, case, k, seed)
         for call in calls:
             assert 0 < len(call) <= k and len(set(call)) == 1, f"one shape per call: {call}"
+        assert len(calls[0]) == 1, "the first step is a call of its own"
         ends = set(np.cumsum([len(c) for c in calls]).tolist())
         assert boundaries <= ends, "every log, eval and checkpoint step ends a call"
         assert sum(len(c) for c in calls) == case["num_steps"]

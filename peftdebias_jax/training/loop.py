@@ -295,7 +295,9 @@ def fit(
     try:
         with interrupts.listening():
             while done < settings.num_steps:
-                limit = steps_until_boundary(done, periods, settings)
+                # the first step alone: its wait, compiling included, is what a user sees
+                # before training runs at speed (the same program runs any count)
+                limit = 1 if done == start else steps_until_boundary(done, periods, settings)
                 specs, position = batches.next_call(*position, limit)
                 count = len(specs)
                 rows = runner.local_rows()
@@ -304,11 +306,11 @@ def fit(
                            sum(b["attention_mask"].size for b in batch_list)]  # fmt: skip
                 stacked, counter = runner.put_batches(batch_list, settings.steps_per_call)
                 device_state, metrics = train_step(device_state, stacked, counter)
-                if done == start:  # the wait a user sees before training runs at speed
+                if done == start:
                     jax.block_until_ready(metrics)
                     waited = time.perf_counter() - began
-                    log.info("%s: first call (%d steps) done %.1f s after the phase started, "
-                             "%.1f s of it compiling", settings.name, count, waited,
+                    log.info("%s: first step done %.1f s after the phase started, %.1f s of it "
+                             "compiling", settings.name, waited,
                              runner.compile_seconds - compiled)  # fmt: skip
                 pending.append((done + 1, count, metrics))
                 done += count
