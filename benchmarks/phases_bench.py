@@ -150,7 +150,7 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
     result = run_process(command, env)
     compiles = [float(m.group(1)) for _, text in result["lines"]
                 if (m := re.search(r"compiled .* in ([0-9.]+) s", text))]  # fmt: skip
-    first = next(t for t, text in result["lines"] if re.search(r": first (step|call \()", text))
+    first = next(t for t, text in result["lines"] if ": first step done" in text)
     real = padded = 0.0
     previous = 0
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -161,7 +161,7 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
         previous = record["step"]
         tokens = examples * record["real_tokens_per_s"] / record["examples_per_s"]
         real, padded = real + tokens, padded + tokens / (1 - record["padding"])
-    wanted = re.compile(r"compiled |traced in|first (step|call)|checkpoint of step|step \d+: \{")
+    wanted = re.compile(r"compiled |traced in|first step|checkpoint of step|step \d+: \{")
     events = [f"{t:.1f} s: {text.split('] ', 1)[-1]}" for t, text in result["lines"]
               if wanted.search(text)]  # fmt: skip
     return {**result, "events": events, "first_step_s": first, "compiles": len(compiles),

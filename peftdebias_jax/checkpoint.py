@@ -375,6 +375,11 @@ def load_tree(directory: str | Path) -> Any:
     return restore_orbax(Path(directory).absolute())
 
 
+def saved_state(directory: str | Path, step: int) -> Any:
+    """The tree a `TrainCheckpoints` in `directory` saved at `step`, as it was saved."""
+    return restore_orbax(Path(directory).absolute() / str(step) / "state")
+
+
 def restore_orbax(path: Path) -> Any:
     """An Orbax-saved tree; a missing or damaged one is a CheckpointError naming it (Orbax
     and tensorstore raise many kinds of error for a cut-short save)."""

@@ -9,7 +9,7 @@ import pytest
 from config_fixtures import load_config
 from fit_fixtures import spy_on_fit
 
-from peftdebias_jax import masks, models, phases
+from peftdebias_jax import checkpoint, masks, models, phases
 from peftdebias_jax.data import pipeline
 from peftdebias_jax.data.records import DataError
 from peftdebias_jax.errors import CheckpointError
@@ -96,11 +96,6 @@ def scripted_selection(monkeypatch, f1_per_evaluation):
     monkeypatch.setattr(downstream, "score_split", scripted)
 
 
-def saved_params(directory, step):
-    with ocp.StandardCheckpointer() as reader:
-        return reader.restore(directory / str(step) / "state")["params"]
-
-
 @pytest.mark.parametrize(
     ("f1s", "best"), [((0.5, 0.4, 0.3), 2), ((0.5, 0.4, 0.9), 6)], ids=["earlier", "last"]
 )
@@ -114,8 +109,8 @@ def test_the_best_weights_are_written_once(tmp_path, monkeypatch, f1s, best):
     assert results["selection"]["step"] == best
     assert (tmp_path / downstream.BEST_DIR).exists() == (best != 6)
     chosen = downstream.best_trainable(tmp_path, results)
-    expected = saved_params(tmp_path / "checkpoints" / "downstream", best)
-    other = saved_params(tmp_path / "checkpoints" / "downstream", 4)
+    expected = checkpoint.saved_state(tmp_path / downstream.TRAIN_DIR, best)["params"]
+    other = checkpoint.saved_state(tmp_path / downstream.TRAIN_DIR, 4)["params"]
     flat = {k: dict(jax.tree_util.tree_flatten_with_path(t)[0]) for k, t in
             (("chosen", chosen), ("expected", expected), ("other", other))}  # fmt: skip
     assert flat["chosen"].keys() == flat["expected"].keys()

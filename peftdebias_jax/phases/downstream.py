@@ -37,7 +37,9 @@ from peftdebias_jax.training.trainer import Optimizer, build_trainer
 
 log = logging.getLogger(__name__)
 
-# the best step's trainable weights, when the best is not the last step (`best_trainable`)
+# the phase's resumable checkpoints, and the best step's trainable weights when the best
+# is not the last step (`best_trainable`)
+TRAIN_DIR = Path("checkpoints") / "downstream"
 BEST_DIR = Path("checkpoints") / "downstream_best"
 
 
@@ -217,13 +219,13 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         train_step=trainer.train_step,
         batches=batches,
         settings=settings,
-        checkpoint_dir=workdir / "checkpoints" / "downstream",
+        checkpoint_dir=workdir / TRAIN_DIR,
         metrics_path=workdir / "metrics.jsonl",
         evaluate=evaluate,
         selection=Selection(metric, "max"),
         on_best=on_best,
     )
-    if selection.best_step == int(final.step):
+    if selection.best_step == num_steps:
         best = final
         if best_dir.exists() and processes.is_writer():  # an earlier best, now beaten
             shutil.rmtree(best_dir)
@@ -265,8 +267,7 @@ def best_trainable(workdir: Path, results: dict[str, Any]) -> Any:
     the last evaluation was the best (those weights are not written twice)."""
     step = results["selection"]["step"]
     if step == results["steps"]:
-        return checkpoint.load_tree(Path(workdir) / "checkpoints" / "downstream" / str(step) /
-                                    "state")["params"]  # fmt: skip
+        return checkpoint.saved_state(Path(workdir) / TRAIN_DIR, step)["params"]
     return checkpoint.load_tree(Path(workdir) / BEST_DIR)
 
 
