@@ -15,8 +15,11 @@ Corpus posts (../shared/data/ghc), race CDA, the hate label, `configs/race_adapt
 `--corpus biasbios`: the BiasBios sample bios (../shared/data/bias_in_bios/samples, 280),
 gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch of 128 set to
 32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
-"ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed).
-Per side: wall time, time to the first update, compiles and their seconds, examples/s and
+"ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed);
+"ours_serial" runs it cold with `parallel.compile_ahead=False` (each bucket compiles at its
+first call, as before compiling ahead). Per side: wall time, time to the first update,
+compiles and the seconds training waited for them (and those compiled in the background
+while it ran), examples/s and
 real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes written.
 """
 
@@ -47,7 +50,8 @@ BIOS = SHARED / "bias_in_bios" / "samples"
 WORDS = SHARED / "bias_attribute_words.json"
 # corpus -> (our config, default train and validation documents)
 CORPORA = {"ghc": ("race_adapter", 640, 128), "biasbios": ("gender_adapter", 224, 56)}
-SIDES = ("ours", "ours_warm", "reference", "tuned")
+SIDES = ("ours", "ours_warm", "ours_serial", "reference", "tuned")
+OVERRIDES = {"ours_serial": ["--config.parallel.compile_ahead=False"]}
 PHASES = ("upstream", "downstream")
 BATCH = 32  # both race phases' batch size in the configs and the reference scripts
 
@@ -131,15 +135,16 @@ def directory_bytes(path: Path) -> int:
 
 
 def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, Path],
-         updates: int, patch: Path | None, corpus: str) -> dict:  # fmt: skip
-    """run.py on the corpus' adapter config, this phase only, on the sampled documents."""
+         updates: int, patch: Path | None, corpus: str, overrides: list[str]) -> dict:  # fmt: skip
+    """run.py on the corpus' adapter config (plus `overrides`), this phase only, on the
+    sampled documents."""
     train, validation = data
     section = f"--config.{phase}"
     command = [
         our_python(), "run.py", f"--config=configs/{CORPORA[corpus][0]}.py", f"--workdir={workdir}",
         f"--compile_cache={cache}", f"--config.model.name={base}", f"--config.phases=('{phase}',)",
         f"{section}.train_file={train}", f"{section}.validation_file={validation}",
-        f"{section}.num_steps={updates}",
+        f"{section}.num_steps={updates}", *overrides,
     ]  # fmt: skip
     if phase == "upstream":
         command += [f"--config.upstream.word_list={WORDS}"]
@@ -148,8 +153,14 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
         command += ["--config.downstream.test_file=", f"--config.downstream.patches=('{patch}',)"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = run_process(command, env)
-    compiles = [float(m.group(1)) for _, text in result["lines"]
-                if (m := re.search(r"compiled .* in ([0-9.]+) s", text))]  # fmt: skip
+    compiles = [(float(m.group(1)), bool(m.group(2))) for _, text in result["lines"]
+                if (m := re.search(r"compiled .* in ([0-9.]+) s( \(in the background\))?",
+                                   text))]  # fmt: skip
+    waits = [
+        float(m.group(1))
+        for _, text in result["lines"]
+        if (m := re.search(r"waited ([0-9.]+) s for .* to finish compiling", text))
+    ]
     first = next(t for t, text in result["lines"] if ": first step done" in text)
     real = padded = 0.0
     previous = 0
@@ -161,11 +172,13 @@ def ours(phase: str, workdir: Path, cache: Path, base: Path, data: tuple[Path, P
         previous = record["step"]
         tokens = examples * record["real_tokens_per_s"] / record["examples_per_s"]
         real, padded = real + tokens, padded + tokens / (1 - record["padding"])
-    wanted = re.compile(r"compiled |traced in|first step|checkpoint of step|step \d+: \{")
+    wanted = re.compile(r"compiled |traced in|waited |first step|checkpoint of step|step \d+: \{")
     events = [f"{t:.1f} s: {text.split('] ', 1)[-1]}" for t, text in result["lines"]
               if wanted.search(text)]  # fmt: skip
     return {**result, "events": events, "first_step_s": first, "compiles": len(compiles),
-            "compile_s": sum(compiles), "examples": updates * BATCH, "real_tokens": real,
+            "compile_s": sum(t for t, ahead in compiles if not ahead) + sum(waits),
+            "background_compile_s": sum(t for t, ahead in compiles if ahead),
+            "examples": updates * BATCH, "real_tokens": real,
             "padded_tokens": padded, "bytes_written": directory_bytes(workdir)}  # fmt: skip
 
 
@@ -192,6 +205,11 @@ def figures(result: dict) -> dict:
         "first_step_s": round(result["first_step_s"], 1),
         "compiles": result["compiles"],
         "compile_s": round(result["compile_s"], 1),
+        **(
+            {"background_compile_s": round(result["background_compile_s"], 1)}
+            if "background_compile_s" in result
+            else {}
+        ),
         "examples_per_s": round(result["examples"] / wall, 3),
         "real_tokens_per_s": round(result["real_tokens"] / wall, 1),
         "padding": round(1 - result["real_tokens"] / result["padded_tokens"], 3),
@@ -252,8 +270,9 @@ def main() -> None:
                 if side.startswith("ours"):
                     workdir = scratch / side
                     patch = scratch / side / "patch" if phase == "downstream" else None
-                    result = ours(phase, workdir, cache, base, data, args.updates, patch,
-                                  args.corpus)  # fmt: skip
+                    own_cache = cache.with_name(f"xla-cache-{side}") if side in OVERRIDES else cache
+                    result = ours(phase, workdir, own_cache, base, data, args.updates, patch,
+                                  args.corpus, OVERRIDES.get(side, []))  # fmt: skip
                 else:
                     result = torch_side(side, phase, scratch / f"{side}-{phase}", base, data,
                                         args.updates, args.corpus)  # fmt: skip

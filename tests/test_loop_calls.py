@@ -2,6 +2,7 @@
 shape, calls stop at every log, eval and checkpoint step, and any `steps_per_call` trains
 exactly what one step per call trains."""
 
+import concurrent.futures
 import io
 import json
 
@@ -68,14 +69,14 @@ def random_case(seed: int) -> dict:
     )
 
 
-def train(tmp_path, case: dict, steps_per_call: int, seed: int):
+def train(tmp_path, case: dict, steps_per_call: int, seed: int, compile_ahead: bool = True):
     """fit on the case; returns final params, the metrics lines and the shapes of each call."""
     batches = pipeline.Batches(case["sequences"], case["batch_size"], 128, 0, seed,
                                run_length=case["run_length"])  # fmt: skip
     params = toy_model(seed)
     label_tree = masks.labels(params, [(".*", "train")])
     tx = masks.optimizer(adamw(1e-2, case["num_steps"], 1.0), label_tree)
-    runner = parallel.Runner("single", case["batch_size"])
+    runner = parallel.Runner("single", case["batch_size"], compile_ahead=compile_ahead)
     calls = []
     real_put = runner.put_batches
 
@@ -92,7 +93,7 @@ def train(tmp_path, case: dict, steps_per_call: int, seed: int):
     def evaluate(device_state) -> dict:
         return {"eval_loss": float(jnp.sum(device_state.params["w"] ** 2))}
 
-    workdir = tmp_path / f"k{steps_per_call}"
+    workdir = tmp_path / f"k{steps_per_call}-{compile_ahead}"
     final, _ = loop.fit(
         state=TrainState.create(params, tx, seed), label_tree=label_tree, runner=runner,
         train_step=runner.compile_repeated(toy_step(tx), "toy step"), batches=batches,
@@ -141,6 +142,45 @@ def test_each_shape_compiles_once(tmp_path, caplog):
     compiled = [r.getMessage() for r in caplog.records if "compiling toy step" in r.getMessage()]
     shapes = {call[0] for call in calls}
     assert len(compiled) == len(shapes), compiled
+
+
+def test_later_buckets_compile_in_the_background(tmp_path, caplog):
+    """After the first step, every other bucket the run trains on compiles in the
+    background, once, before its first call: the same programs, so the same bits as
+    compiling each at its first call."""
+    case = random_case(5)
+    case.update(num_steps=30, log_every=5, eval_every=100, checkpoint_every=100)
+    with caplog.at_level("INFO", logger="peftdebias_jax.training.parallel"):
+        ahead, ahead_lines, calls, runner = train(tmp_path, case, 10, 5)
+    messages = [r.getMessage() for r in caplog.records]
+    shapes = list(dict.fromkeys(call[0] for call in calls))
+    assert len(shapes) >= 2, "several buckets"
+    compiled = [m for m in messages if m.startswith("compiled toy step")]
+    assert len(compiled) == len(shapes), compiled
+    background = [m for m in compiled if m.endswith("(in the background)")]
+    assert len(background) == len(shapes) - 1, compiled
+    assert runner._background is None, "fit stops the compiling thread"
+    plain, plain_lines, plain_calls, _ = train(tmp_path, case, 10, 5, compile_ahead=False)
+    untimed = [[{k: v for k, v in x.items() if "per_s" not in k} for x in lines]
+               for lines in (ahead_lines, plain_lines)]  # fmt: skip
+    assert plain_calls == calls and untimed[0] == untimed[1]
+    for path in plain:
+        np.testing.assert_array_equal(ahead[path], plain[path], err_msg=str(path))
+
+
+def test_a_background_compile_left_undone_compiles_at_its_call(tmp_path):
+    """A compile still queued when the runner stops is dropped; the shape then compiles at
+    its first call, as without compiling ahead."""
+    runner = parallel.Runner("single", 2)
+    step = runner.compile(lambda s, b: (s + b["input_ids"].sum(), {}), "sum step", donate=False)
+    state = jax.device_put(jnp.zeros((), jnp.int32))
+    batches = [{"input_ids": np.ones((2, n), np.int32)} for n in (4, 8, 16)]
+    for batch in batches:
+        step.ahead(state, runner.put_batch(batch))
+    runner.stop_background()
+    assert all(isinstance(e, concurrent.futures.Future) for e in step.executables.values())
+    results = [int(step(state, runner.put_batch(b))[0]) for b in batches]
+    assert results == [8, 16, 32]
 
 
 def test_logged_throughput_leaves_out_evaluation(tmp_path):

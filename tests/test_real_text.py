@@ -83,6 +83,9 @@ def check_run(workdir, captured, caplog, buckets=(3, 3)):
     for phase, least in zip(("upstream", "downstream"), buckets, strict=True):
         assert (workdir / f"{phase}.done.json").exists(), phase
         assert len(train_shapes(caplog, phase)) >= least, (phase, train_shapes(caplog, phase))
+        ahead = [r for r in caplog.records if r.getMessage().startswith(f"compiled {phase} train")
+                 and r.getMessage().endswith("(in the background)")]  # fmt: skip
+        assert len(ahead) >= least - 1, f"{phase}: later buckets compile while training runs"
     _, leaves = patch_leaves(workdir / "patch")
     for path, value in leaves.items():
         np.testing.assert_array_equal(captured["final"][tuple(path.split("/"))], value, path)

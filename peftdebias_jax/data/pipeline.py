@@ -225,6 +225,18 @@ class Batches:
             end += 1
         return specs[index:end], (epoch, end)
 
+    def first_of_each_length(self, epoch: int, index: int, count: int) -> list[BatchSpec]:
+        """The first training batch of each bucket length among the `count` batches from
+        position (epoch, index), in the order they come: what a run will compile next."""
+        firsts: dict[int, BatchSpec] = {}
+        while count > 0 and len(firsts) < len(self.buckets):
+            specs = self.training_epoch(epoch)[index : index + count]
+            for spec in specs:
+                firsts.setdefault(spec.length, spec)
+            count -= len(specs)
+            epoch, index = epoch + 1, 0
+        return list(firsts.values())
+
     def evaluation(self) -> list[BatchSpec]:
         """Every row once, shortest first, in batches padded to the bucket of their longest
         row: only the very last batch is short (filled with weight-0 rows), however many

@@ -162,7 +162,8 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
 
     trainer = build_trainer(
         params, label_tree, Optimizer(dn.learning_rate, num_steps, dn.clip_norm), make_step,
-        seed=config.seed, mode=config.parallel.mode, batch_size=dn.batch_size,
+        seed=config.seed, mode=config.parallel.mode,
+        compile_ahead=config.parallel.compile_ahead, batch_size=dn.batch_size,
         batch_key="config.downstream.batch_size", name="downstream",
         entries=trainable_entries,
     )  # fmt: skip

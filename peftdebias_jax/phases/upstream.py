@@ -109,7 +109,8 @@ def train_mlm(
 
     trainer = build_trainer(
         params, label_tree, Optimizer(up.learning_rate, up.num_steps, up.clip_norm), make_step,
-        seed=config.seed, mode=config.parallel.mode, batch_size=up.batch_size,
+        seed=config.seed, mode=config.parallel.mode,
+        compile_ahead=config.parallel.compile_ahead, batch_size=up.batch_size,
         batch_key="config.upstream.batch_size", name=name, entries=entries, anchor=bool(up.l1),
     )  # fmt: skip
     runner = trainer.runner

@@ -32,7 +32,7 @@ from peftdebias_jax.checkpoint import TrainCheckpoints
 from peftdebias_jax.data.pipeline import Batches
 from peftdebias_jax.errors import CheckpointError, ConfigError, PeftDebiasError, headline
 from peftdebias_jax.training import interrupts
-from peftdebias_jax.training.parallel import Runner
+from peftdebias_jax.training.parallel import CompiledStep, Runner
 from peftdebias_jax.training.progress import Progress
 from peftdebias_jax.training.state import TrainState
 
@@ -204,7 +204,7 @@ def fit(
     state: TrainState,
     label_tree: Any,
     runner: Runner,
-    train_step: Callable,
+    train_step: CompiledStep,
     batches: Batches,
     settings: FitSettings,
     checkpoint_dir: Path,
@@ -214,7 +214,8 @@ def fit(
     on_best: Callable[[TrainState, int, dict[str, float]], None] | None = None,
 ) -> tuple[TrainState, Selection | None]:
     """Trains to `settings.num_steps`, resuming from `checkpoint_dir` if it holds a checkpoint.
-    `train_step` is a `Runner.compile_repeated` step: it runs up to `steps_per_call` steps."""
+    `train_step` is a `Runner.compile_repeated` step: it runs up to `steps_per_call` steps;
+    after the first, the other length buckets' programs compile in the background."""
     checkpoints = TrainCheckpoints(checkpoint_dir, settings.keep_checkpoints)
     metrics_log = MetricsLog(metrics_path)
     epoch = index = 0
@@ -312,6 +313,8 @@ def fit(
                     log.info("%s: first step done %.1f s after the phase started, %.1f s of it "
                              "compiling", settings.name, waited,
                              runner.compile_seconds - compiled)  # fmt: skip
+                    compile_ahead(train_step, runner, batches, device_state, position,
+                                  settings, settings.num_steps - count - start)  # fmt: skip
                 pending.append((done + 1, count, metrics))
                 done += count
                 last = done == settings.num_steps
@@ -347,6 +350,23 @@ def fit(
                 if signum is not None:
                     raise interrupts.Interrupted(settings.name, done, signum)
     finally:
+        runner.stop_background()
         progress.close()
         checkpoints.close()
     return runner.get_state(device_state), selection
+
+
+def compile_ahead(
+    train_step: CompiledStep,
+    runner: Runner,
+    batches: Batches,
+    state: Any,
+    position: tuple[int, int],
+    settings: FitSettings,
+    steps: int,
+) -> None:
+    """Queues the programs of the length buckets the next `steps` steps train on (in the
+    order they come) for compiling in the background while the first ones train."""
+    for spec in batches.first_of_each_length(*position, steps):
+        example = batches.materialize(spec, runner.local_rows())
+        train_step.ahead(state, *runner.batch_specs([example], settings.steps_per_call))

@@ -5,6 +5,7 @@ sum across devices, which the step builders take as `axis_name`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import time
@@ -35,9 +36,13 @@ def resolve_mode(mode: str) -> str:
 
 class Runner:
     """Places state and batches on devices and runs compiled steps; counts compiles and the
-    seconds spent compiling (`compile_seconds`, which throughput figures leave out)."""
+    seconds spent waiting for them (`compile_seconds`, which throughput figures leave out)."""
 
-    def __init__(self, mode: str, batch_size: int, field: str = "batch_size") -> None:
+    def __init__(
+        self, mode: str, batch_size: int, field: str = "batch_size", compile_ahead: bool = True
+    ) -> None:
+        """`compile_ahead`: `CompiledStep.ahead` compiles in a background thread (jit and
+        single modes; pmap compiles each shape at its first call)."""
         self.mode = resolve_mode(mode)
         if self.mode in ("single", "pmap") and processes.count() > 1:
             raise ConfigError(
@@ -49,6 +54,8 @@ class Runner:
         self.check_rows(batch_size, field)
         self.batch_size = batch_size
         self.compile_seconds = 0.0
+        self.compile_ahead = compile_ahead and self.mode != "pmap"
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
         if self.mode in ("jit", "pmap"):
             devices = self.devices if self.mode == "jit" else jax.local_devices()
             self.mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -82,21 +89,21 @@ class Runner:
         start = jax.process_index() * per_process
         return slice(start, start + per_process)
 
-    def compile(self, step: Callable, name: str, donate: bool = True) -> Callable:
+    def compile(self, step: Callable, name: str, donate: bool = True) -> CompiledStep:
         """`step(state, batch)` compiled for this mode; logs each new batch shape."""
-        return self._compile(step, name, donate, repeated=False)
+        return CompiledStep(self, self._jit(step, donate, repeated=False), name, repeated=False)
 
-    def compile_repeated(self, step: Callable, name: str) -> Callable:
+    def compile_repeated(self, step: Callable, name: str) -> CompiledStep:
         """`step` compiled as `run(state, batches, count)` (steps.repeated, state donated):
         up to K steps in one call, with batches and count from `put_batches`."""
-        return self._compile(steps.repeated(step), name, True, repeated=True)
+        return CompiledStep(self, self._jit(steps.repeated(step), True, True), name, True)
 
-    def _compile(self, fn: Callable, name: str, donate: bool, repeated: bool) -> Callable:
+    def _jit(self, fn: Callable, donate: bool, repeated: bool) -> Any:
         donate_argnums = (0,) if donate else ()
         if self.mode == "single":
-            compiled = jax.jit(fn, donate_argnums=donate_argnums)
-        elif self.mode == "jit":
-            compiled = jax.jit(
+            return jax.jit(fn, donate_argnums=donate_argnums)
+        if self.mode == "jit":
+            return jax.jit(
                 fn,
                 in_shardings=(
                     (self.replicated, self.stacked, self.replicated)
@@ -106,34 +113,22 @@ class Runner:
                 out_shardings=self.replicated,
                 donate_argnums=donate_argnums,
             )
-        else:
-            compiled = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+        return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
 
-        executables: dict[tuple, Any] = {}
+    def background(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The one thread that compiles programs ahead of their first call, one at a time
+        (a compile holds about one core and a few hundred MB for a BERT-base step)."""
+        if self._background is None:
+            self._background = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="compile-ahead"
+            )
+        return self._background
 
-        def run(state, batch, *rest):
-            shape = tuple(batch["input_ids"].shape)
-            executable = executables.get(shape)
-            if executable is None:
-                count = len(executables) + 1
-                log.info("compiling %s for batch shape %s (compile #%d)", name, shape, count)
-                # before a big train step's first program, the one-off ones (init, loading)
-                # are dropped; its later programs (other buckets) reuse what is cached then
-                big = (
-                    repeated
-                    and not executables
-                    and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
-                )
-                began = time.perf_counter()
-                executable = memory.compiled_ahead(
-                    compiled, executables, shape, state, batch, *rest, drop_caches=big
-                )
-                seconds = time.perf_counter() - began
-                self.compile_seconds += seconds
-                log.info("compiled %s for batch shape %s in %.1f s", name, shape, seconds)
-            return executable(state, batch, *rest)
-
-        return run
+    def stop_background(self) -> None:
+        """Drops the compiles not yet started and waits for the running one (at most one)."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
 
     def put_state(self, state: Any) -> Any:
         """A device copy of `state` that steps can donate: the caller's arrays stay valid,
@@ -162,6 +157,13 @@ class Runner:
     def put_batches(self, batches: list[dict[str, np.ndarray]], slots: int) -> tuple[Any, Any]:
         """(stacked batches, count) for a `compile_repeated` step: the batches stacked along a
         new leading axis of `slots` entries (padded with copies of the last, never run)."""
+        return self._put_stacked(batches, slots)
+
+    def batch_specs(self, batches: list[dict[str, np.ndarray]], slots: int) -> tuple[Any, Any]:
+        """What `put_batches` would place, as shapes, dtypes and shardings (`ahead`'s)."""
+        return jax.tree_util.tree_map(abstract, self._put_stacked(batches, slots))
+
+    def _put_stacked(self, batches: list[dict[str, np.ndarray]], slots: int) -> tuple[Any, Any]:
         if not 0 < len(batches) <= slots:
             raise ValueError(f"{len(batches)} batches for {slots} slots")
         padded = batches + [batches[-1]] * (slots - len(batches))
@@ -200,3 +202,71 @@ class Runner:
     def get_metrics(self, metrics: Any) -> Any:
         """Per-step metrics on one device (pmap returns one identical copy per device)."""
         return self.get_state(metrics)
+
+
+def abstract(x: Any) -> jax.ShapeDtypeStruct:
+    """A placed array's shape, dtype, sharding and weak type (what a program is compiled for)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.aval.weak_type)
+
+
+class CompiledStep:
+    """A step compiled once per batch shape: at its first call, or before it in the
+    runner's background thread (`ahead`), so that a later length bucket's compile overlaps
+    training on the earlier ones instead of stopping it."""
+
+    def __init__(self, runner: Runner, jitted: Any, name: str, repeated: bool) -> None:
+        self.runner, self.jitted, self.name, self.repeated = runner, jitted, name, repeated
+        self.executables: dict[tuple, Any] = {}  # batch shape -> executable, or its Future
+
+    def __call__(self, state: Any, batch: Any, *rest: Any) -> Any:
+        shape = tuple(batch["input_ids"].shape)
+        executable = self.executables.get(shape)
+        if isinstance(executable, concurrent.futures.Future) and executable.cancelled():
+            executable = None  # dropped by stop_background before it started
+        if isinstance(executable, concurrent.futures.Future):
+            began = time.perf_counter()
+            executable = self.executables[shape] = executable.result()
+            waited = time.perf_counter() - began
+            self.runner.compile_seconds += waited
+            if waited >= 0.1:
+                log.info("waited %.1f s for %s's batch shape %s to finish compiling",
+                         waited, self.name, shape)  # fmt: skip
+        elif executable is None:
+            executable = self._compile(shape, False, state, batch, *rest)
+        return executable(state, batch, *rest)
+
+    def ahead(self, state: Any, batch: Any, *rest: Any) -> None:
+        """Starts compiling for these arguments (placed as the call will place them, or
+        `Runner.batch_specs`) in the background, unless their shape has its program or
+        the runner compiles nothing ahead (`compile_ahead` off, or pmap). Only shapes and
+        shardings are read here: `state` may be donated right after."""
+        shape = tuple(batch["input_ids"].shape)
+        if shape in self.executables or not self.runner.compile_ahead:
+            return
+        specs = jax.tree_util.tree_map(abstract, (state, batch, *rest))
+        self.executables[shape] = self.runner.background().submit(
+            self._compile, shape, True, *specs
+        )
+
+    def _compile(self, shape: tuple, background: bool, state: Any, batch: Any, *rest: Any) -> Any:
+        count = len(self.executables) + (not background)
+        log.info("compiling %s for batch shape %s (compile #%d)", self.name, shape, count)
+        # before a big train step's first program, the one-off ones (init, loading) are
+        # dropped; its later programs (other buckets) reuse what is cached then
+        big = (
+            self.repeated
+            and not self.executables
+            and memory.tree_bytes(state) >= memory.DROP_CACHES_MIN_BYTES
+        )
+        began = time.perf_counter()
+        executable = memory.compiled_ahead(self.jitted, {}, shape, state, batch, *rest,
+                                           drop_caches=big)  # fmt: skip
+        seconds = time.perf_counter() - began
+        if not background:
+            self.executables[shape] = executable
+            self.runner.compile_seconds += seconds
+        log.info("compiled %s for batch shape %s in %.1f s%s", self.name, shape, seconds,
+                 " (in the background)" if background else "")  # fmt: skip
+        return executable

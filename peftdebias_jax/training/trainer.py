@@ -10,7 +10,7 @@ from typing import Any
 import optax
 
 from peftdebias_jax import masks
-from peftdebias_jax.training.parallel import Runner
+from peftdebias_jax.training.parallel import CompiledStep, Runner
 from peftdebias_jax.training.state import TrainState, adamw
 
 # (optimizer, runner's axis name or None) -> a pure step(state, batch) -> (state, metrics)
@@ -33,7 +33,7 @@ class Trainer:
     state: TrainState
     label_tree: Any
     runner: Runner
-    train_step: Callable  # Runner.compile_repeated: up to steps_per_call steps per call
+    train_step: CompiledStep  # Runner.compile_repeated: up to steps_per_call steps per call
     tx: optax.GradientTransformation
 
 
@@ -45,6 +45,7 @@ def build_trainer(
     *,
     seed: int,
     mode: str,
+    compile_ahead: bool = True,
     batch_size: int,
     batch_key: str,
     name: str,
@@ -53,8 +54,8 @@ def build_trainer(
 ) -> Trainer:
     """Optimizer on the `train` leaves (only the True `entries` of masked leaves, when
     given), the state (with the trainable leaves' start as `anchor` for an L1 pull), the
-    runner for `mode` (`batch_key` names the batch size in errors) and the step compiled to
-    run several steps per call."""
+    runner for `mode` (`batch_key` names the batch size in errors; `compile_ahead`: later
+    buckets compile in the background) and the step compiled to run several steps per call."""
     tx = masks.optimizer(
         adamw(optimizer.learning_rate, optimizer.num_steps, optimizer.clip_norm), label_tree
     )
@@ -62,6 +63,6 @@ def build_trainer(
         tx = optax.chain(masks.entry_mask(entries), tx)
     start = masks.split(params, label_tree)[0] if anchor else None
     state = TrainState.create(params, tx, seed, start)
-    runner = Runner(mode, batch_size, batch_key)
+    runner = Runner(mode, batch_size, batch_key, compile_ahead)
     train_step = runner.compile_repeated(make_step(tx, runner.axis_name), f"{name} train step")
     return Trainer(state, label_tree, runner, train_step, tx)
