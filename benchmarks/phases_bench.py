@@ -16,8 +16,8 @@ Corpus posts (../shared/data/ghc), race CDA, the hate label, `configs/race_adapt
 gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch of 128 set to
 32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
 "ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed);
-"ours_serial" runs it cold with `parallel.compile_ahead=False` (each bucket compiles at its
-first call, as before compiling ahead). Per side: wall time, time to the first update,
+"ours_ahead" runs it cold with `parallel.compile_ahead=True` (later buckets compile in the
+background) and its own cache. Per side: wall time, time to the first update,
 compiles and the seconds training waited for them (and those compiled in the background
 while it ran), examples/s and
 real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes written.
@@ -50,8 +50,8 @@ BIOS = SHARED / "bias_in_bios" / "samples"
 WORDS = SHARED / "bias_attribute_words.json"
 # corpus -> (our config, default train and validation documents)
 CORPORA = {"ghc": ("race_adapter", 640, 128), "biasbios": ("gender_adapter", 224, 56)}
-SIDES = ("ours", "ours_warm", "ours_serial", "reference", "tuned")
-OVERRIDES = {"ours_serial": ["--config.parallel.compile_ahead=False"]}
+SIDES = ("ours", "ours_warm", "ours_ahead", "reference", "tuned")
+OVERRIDES = {"ours_ahead": ["--config.parallel.compile_ahead=True"]}
 PHASES = ("upstream", "downstream")
 BATCH = 32  # both race phases' batch size in the configs and the reference scripts
 

@@ -278,8 +278,10 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "auto"  # auto | single | jit | pmap ("auto": jit mesh if >1 device)
     # compile the other length buckets' train programs in a background thread once the
-    # first step has run (one at a time; jit and single modes), instead of at their first use
-    config.parallel.compile_ahead = True
+    # first step has run (one at a time; jit and single modes), instead of at their first
+    # use. Off: on a 2-core CPU it measured slower (docs/performance.md); for hosts whose
+    # cores sit idle while a step runs (a GPU or TPU host), unmeasured yet
+    config.parallel.compile_ahead = False
     # several processes (hosts) as one run: every process runs the same command; process 0
     # writes the workdir (shared by all). The cluster is detected on TPU pods, SLURM and
     # Open MPI; elsewhere give process 0's host:port, the count and each process's id.

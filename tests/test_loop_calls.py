@@ -171,7 +171,7 @@ def test_later_buckets_compile_in_the_background(tmp_path, caplog):
 def test_a_background_compile_left_undone_compiles_at_its_call(tmp_path):
     """A compile still queued when the runner stops is dropped; the shape then compiles at
     its first call, as without compiling ahead."""
-    runner = parallel.Runner("single", 2)
+    runner = parallel.Runner("single", 2, compile_ahead=True)
     step = runner.compile(lambda s, b: (s + b["input_ids"].sum(), {}), "sum step", donate=False)
     state = jax.device_put(jnp.zeros((), jnp.int32))
     batches = [{"input_ids": np.ones((2, n), np.int32)} for n in (4, 8, 16)]

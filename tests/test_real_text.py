@@ -77,15 +77,20 @@ def train_shapes(caplog, name: str) -> set[str]:
             if f"compiling {name} train step for batch shape" in r.getMessage()}  # fmt: skip
 
 
-def check_run(workdir, captured, caplog, buckets=(3, 3)):
+def check_run(workdir, captured, caplog, buckets=(3, 3), ahead=False):
     """Both phases finished on several buckets (upstream, downstream), the frozen patch
-    unchanged, every number finite."""
+    unchanged, every number finite; with `ahead` (parallel.compile_ahead), each phase's
+    later buckets compiled in the background, else none did."""
     for phase, least in zip(("upstream", "downstream"), buckets, strict=True):
         assert (workdir / f"{phase}.done.json").exists(), phase
         assert len(train_shapes(caplog, phase)) >= least, (phase, train_shapes(caplog, phase))
-        ahead = [r for r in caplog.records if r.getMessage().startswith(f"compiled {phase} train")
-                 and r.getMessage().endswith("(in the background)")]  # fmt: skip
-        assert len(ahead) >= least - 1, f"{phase}: later buckets compile while training runs"
+        background = [r for r in caplog.records
+                      if r.getMessage().startswith(f"compiled {phase} train")
+                      and r.getMessage().endswith("(in the background)")]  # fmt: skip
+        if ahead:
+            assert len(background) >= least - 1, f"{phase}: later buckets compile in the background"
+        else:
+            assert not background, f"{phase}: compile_ahead is off"
     _, leaves = patch_leaves(workdir / "patch")
     for path, value in leaves.items():
         np.testing.assert_array_equal(captured["final"][tuple(path.split("/"))], value, path)
@@ -114,8 +119,9 @@ def test_race_axis_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, caplog)
     caplog.set_level("INFO", logger="peftdebias_jax.training.parallel")
     captured = spy_on_fit(monkeypatch, downstream)
     config = real_config("race_adapter", minilm_dir, GHC)
+    config.parallel.compile_ahead = True  # off by default; the same numbers either way
     phases.run(config, tmp_path / "adapter")
-    results = check_run(tmp_path / "adapter", captured, caplog)
+    results = check_run(tmp_path / "adapter", captured, caplog, ahead=True)
     weights = results["class_weights"]
     assert weights["setting"] == "auto" and weights["weights"]["1"] > 3, "hate is up-weighted"
 

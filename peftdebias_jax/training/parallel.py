@@ -39,7 +39,7 @@ class Runner:
     seconds spent waiting for them (`compile_seconds`, which throughput figures leave out)."""
 
     def __init__(
-        self, mode: str, batch_size: int, field: str = "batch_size", compile_ahead: bool = True
+        self, mode: str, batch_size: int, field: str = "batch_size", compile_ahead: bool = False
     ) -> None:
         """`compile_ahead`: `CompiledStep.ahead` compiles in a background thread (jit and
         single modes; pmap compiles each shape at its first call)."""

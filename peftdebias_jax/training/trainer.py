@@ -45,7 +45,7 @@ def build_trainer(
     *,
     seed: int,
     mode: str,
-    compile_ahead: bool = True,
+    compile_ahead: bool = False,
     batch_size: int,
     batch_key: str,
     name: str,
