@@ -17,10 +17,10 @@ gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch 
 32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
 "ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed);
 "ours_ahead" runs it cold with `parallel.compile_ahead=True` (later buckets compile in the
-background) and its own cache. Per side: wall time, time to the first update,
-compiles and the seconds training waited for them (and those compiled in the background
-while it ran), examples/s and
-real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes written.
+background) and its own cache. Per side: wall time, time to the first update, compiles and
+the seconds training waited for them (and the seconds of those compiled in the background),
+examples/s and real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes
+written.
 """
 
 from __future__ import annotations

@@ -366,7 +366,10 @@ def compile_ahead(
     steps: int,
 ) -> None:
     """Queues the programs of the length buckets the next `steps` steps train on (in the
-    order they come) for compiling in the background while the first ones train."""
+    order they come) for compiling in the background while the first ones train; with
+    the runner's `compile_ahead` off, nothing (no example batches are built or placed)."""
+    if not runner.compile_ahead:
+        return
     for spec in batches.first_of_each_length(*position, steps):
         example = batches.materialize(spec, runner.local_rows())
         train_step.ahead(state, *runner.batch_specs([example], settings.steps_per_call))
