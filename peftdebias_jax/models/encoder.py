@@ -106,6 +106,7 @@ class Embeddings(nn.Module):
         token_type_ids: Array,
         deterministic: bool,
         states: Sequence = (),
+        segment_ids: Array | None = None,
     ) -> tuple[Array, Array, int]:
         cfg = self.config
         dtype = compute_dtype(cfg)
@@ -132,7 +133,15 @@ class Embeddings(nn.Module):
             attention_mask = jnp.concatenate([ones, attention_mask], axis=1)
             zeros = jnp.zeros((batch, num_prompt), token_type_ids.dtype)
             token_type_ids = jnp.concatenate([zeros, token_type_ids], axis=1)
-        position_ids = self.position_ids(input_ids, num_prompt)
+        if segment_ids is None:
+            position_ids = self.position_ids(input_ids, num_prompt)
+        elif num_prompt:
+            raise ValueError(
+                "prompt tuning cannot run on packed rows (segment_ids): its prompt states would "
+                "be shared by every example of a row; batch such a patch without packing"
+            )
+        else:
+            position_ids = self.segment_position_ids(segment_ids)
         positions = nn.Embed(
             cfg.max_position_embeddings,
             cfg.hidden_size,
@@ -167,6 +176,16 @@ class Embeddings(nn.Module):
             jnp.arange(length + num_prompt, dtype=jnp.int32), (batch, length + num_prompt)
         )
 
+    def segment_position_ids(self, segment_ids: Array) -> Array:
+        """Positions of packed rows: each example counts from its own first token, as it
+        would alone in a row (BERT 0, 1, ...; RoBERTa pad_token_id + 1, ...; padding as
+        position_ids gives it)."""
+        cfg = self.config
+        offsets = offsets_in_segment(segment_ids)
+        if cfg.model_type == "roberta":
+            return jnp.where(segment_ids > 0, offsets + 1, 0) + cfg.pad_token_id
+        return offsets
+
 
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product attention; LoRA seams on q/k/v, prefix seam on k/v."""
@@ -197,6 +216,8 @@ class SelfAttention(nn.Module):
             return out.reshape(batch, inputs.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
 
         queries = x if rows is None else gather_rows(x, rows)
+        if rows is not None and mask_bias.shape[2] > 1:  # a bias per query (packed rows)
+            mask_bias = jnp.take_along_axis(mask_bias, rows[:, None, :, None], axis=2)
         query, key, value = project("query", queries), project("key", x), project("value", x)
         for patch, state in zip(self.patches, states, strict=True):
             kv = patch.key_value_prefix(
@@ -317,17 +338,18 @@ class Intermediate(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(dense(hidden[:, 0])): BERT's pooled [CLS] vector (a LoRA seam, as in peft)."""
+    """tanh(dense(first)): BERT's pooled [CLS] vector from the first token's states [..., H]
+    (a LoRA seam, as in peft)."""
 
     config: EncoderConfig
     patches: Sequence[Patch] = ()
 
     @nn.compact
-    def __call__(self, hidden: Array, deterministic: bool, states: Sequence = ()) -> Array:
+    def __call__(self, first: Array, deterministic: bool, states: Sequence = ()) -> Array:
         cfg = self.config
         path = f"{cfg.base_name}.pooler.dense"
         dense = Dense(cfg.hidden_size, cfg, path, self.patches, name="dense")
-        return jnp.tanh(dense(hidden[:, 0], deterministic, states))
+        return jnp.tanh(dense(first, deterministic, states))
 
 
 class Encoder(nn.Module):
@@ -345,10 +367,15 @@ class Encoder(nn.Module):
         token_type_ids: Array | None = None,
         deterministic: bool = True,
         output_positions: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, Array | None]:
         """States [B, S, H] at the real positions, or [B, P, H] at `output_positions`
         [B, P] only: then the last block runs on those P rows (a head that reads a few
-        positions, e.g. [CLS] or the masked tokens, skips most of the last block's work)."""
+        positions, e.g. [CLS] or the masked tokens, skips most of the last block's work).
+        `segment_ids` [B, S] (packed rows: 1, 2, ... per example, 0 for padding): each
+        example sees only itself, as if alone in a row (`data.packing`); the pooled output
+        is then one per `output_positions` entry (each example's first token), or None
+        without them."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -357,17 +384,21 @@ class Encoder(nn.Module):
         batch = input_ids.shape[0]
         states = tuple(p.setup_state(cfg, batch, deterministic) for p in self.patches)
         x, attention_mask, num_prompt = Embeddings(cfg, self.patches, name="embeddings")(
-            input_ids, attention_mask, token_type_ids, deterministic, states
+            input_ids, attention_mask, token_type_ids, deterministic, states, segment_ids
         )
-        mask_bias = additive_mask(attention_mask)
+        if segment_ids is None:
+            mask_bias = additive_mask(attention_mask)
+        else:
+            mask_bias = segment_mask(segment_ids)
         stack = EncoderStack(cfg, self.patches, name="encoder")
         rows = None if output_positions is None else output_positions + num_prompt
         x = stack(x, mask_bias, deterministic, states, rows)
         if rows is None:
             x = x[:, num_prompt:]
         pooled = None
-        if self.add_pooling_layer:
-            pooled = Pooler(cfg, self.patches, name="pooler")(x, deterministic, states)
+        if self.add_pooling_layer and (segment_ids is None or rows is not None):
+            first = x if segment_ids is not None else x[:, 0]
+            pooled = Pooler(cfg, self.patches, name="pooler")(first, deterministic, states)
         return x, pooled
 
 
@@ -403,3 +434,22 @@ def additive_mask(attention_mask: Array) -> Array:
     """[B, S] 1/0 mask -> [B, 1, 1, S] float32 bias: 0 where attended, dtype-min where not."""
     keep = attention_mask[:, None, None, :].astype(bool)
     return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def segment_mask(segment_ids: Array) -> Array:
+    """[B, S] segment ids (0 = padding) -> [B, 1, S, S] float32 bias: each query attends to
+    the keys of its own segment only (a padding query to none: its output is unused)."""
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    keep = same & (segment_ids[:, None, None, :] > 0)
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def offsets_in_segment(segment_ids: Array) -> Array:
+    """[B, S] segment ids -> each token's offset from the first token of its run of equal
+    ids (segments are contiguous)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    starts = jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+    return index - starts

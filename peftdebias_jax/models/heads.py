@@ -86,17 +86,18 @@ class RobertaLMHead(nn.Module):
 
 
 class RobertaClassificationHead(nn.Module):
-    """RoBERTa's `classifier`: dropout -> dense -> tanh -> dropout -> out_proj on <s>."""
+    """RoBERTa's `classifier`: dropout -> dense -> tanh -> dropout -> out_proj on the
+    states of <s> (the first token) [..., H]."""
 
     config: EncoderConfig
     num_labels: int
 
     @nn.compact
-    def __call__(self, hidden: Array, deterministic: bool) -> Array:
+    def __call__(self, first: Array, deterministic: bool) -> Array:
         cfg = self.config
         rate = cfg.classifier_dropout
         rate = cfg.hidden_dropout_prob if rate is None else rate
-        x = Dropout(rate)(hidden[:, 0], deterministic=deterministic)
+        x = Dropout(rate)(first, deterministic=deterministic)
         x = jnp.tanh(Dense(cfg.hidden_size, cfg, "classifier.dense", name="dense")(x))
         x = Dropout(rate)(x, deterministic=deterministic)
         return Dense(self.num_labels, cfg, "classifier.out_proj", name="out_proj")(x)

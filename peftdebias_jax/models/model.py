@@ -57,6 +57,8 @@ class EncoderModel(nn.Module):
         deterministic: bool = True,
         mlm_positions: Array | None = None,
         mlm_rows: Array | None = None,
+        segment_ids: Array | None = None,
+        segment_starts: Array | None = None,
     ) -> Array | EncoderOutput:
         """`mlm_positions` [B, P] (head="mlm"): vocabulary logits [B, P, V] at those
         positions only, instead of [B, S, V] everywhere (scoring and masked-LM training
@@ -64,7 +66,10 @@ class EncoderModel(nn.Module):
         read a few positions (those, or the classifier's first token) run the last block
         on those rows only: same outputs, a fraction of the last block's FLOPs.
         `mlm_rows` [T] (with `mlm_positions`): logits [T, V] at only those of the B * P
-        rows, flattened (a batch selects far fewer than P positions per row in all)."""
+        rows, flattened (a batch selects far fewer than P positions per row in all).
+        Packed rows (`data.packing`): `segment_ids` [B, S] number each row's examples 1, 2,
+        ... (0 = padding), and the classifier then reads each example's first token at
+        `segment_starts` [B, P]: logits [B, P, labels], as each example alone would get."""
         cfg = self.config
         bert_classifier = self.head == "classifier" and cfg.model_type == "bert"
         encoder = Encoder(
@@ -76,10 +81,14 @@ class EncoderModel(nn.Module):
         positions = None  # the states the head reads; the last block runs only there
         if self.head == "mlm":
             positions = mlm_positions
+        elif self.head == "classifier" and segment_ids is not None:
+            if segment_starts is None:
+                raise ValueError("a classifier on packed rows needs segment_starts")
+            positions = segment_starts
         elif self.head == "classifier":  # both classifier heads read the first token
             positions = jnp.zeros((input_ids.shape[0], 1), jnp.int32)
         hidden, pooled = encoder(
-            input_ids, attention_mask, token_type_ids, deterministic, positions
+            input_ids, attention_mask, token_type_ids, deterministic, positions, segment_ids
         )
         if self.head == "none":
             return EncoderOutput(hidden, pooled)
@@ -92,7 +101,7 @@ class EncoderModel(nn.Module):
             return BertOnlyMLMHead(cfg, name="cls")(hidden, table)
         if cfg.model_type == "roberta":
             head = RobertaClassificationHead(cfg, self.num_labels, name="classifier")
-            return head(hidden, deterministic)
+            return head(hidden if segment_ids is not None else hidden[:, 0], deterministic)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         return Dense(self.num_labels, cfg, "classifier", name="classifier")(pooled)
