@@ -203,6 +203,13 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     config.downstream.bucket_run_length = 10  # as config.upstream.bucket_run_length
     config.downstream.bucket_count = 8  # as config.upstream.bucket_count
     config.downstream.bucket_compile_steps = 4.0  # as config.upstream.bucket_compile_steps
+    # training batches packed several examples to a row of max_len tokens (each example
+    # attends only to itself, with its own positions: the same logits as alone) instead of
+    # padded to a length bucket; the rows a batch needs are rounded up to one of at most
+    # bucket_count fitted row counts (one program each, priced by bucket_compile_steps).
+    # One process; not with prompt tuning. Off by default until measured on whole phases
+    config.downstream.pack = False
+    config.downstream.pack_segments = 16  # at most this many examples in a packed row
     # no gradients and 2-28 logits a row: 4x the training batch, as the reference (a scored
     # set too small to fill one such batch per bucket length gets fewer rows a batch)
     config.downstream.eval_batch_size = 128

@@ -68,6 +68,7 @@ CHECKS: dict[str, str] = {
     "downstream.bucket_count": "positive_int",
     "upstream.bucket_compile_steps": "non_negative_finite",
     "downstream.bucket_compile_steps": "non_negative_finite",
+    "downstream.pack_segments": "positive_int",
     "upstream.eval_batch_size": "positive_int",
     "downstream.eval_batch_size": "positive_int",
     "bootstrap.resamples": "non_negative_int",

@@ -4,19 +4,25 @@ the real all-MiniLM-L6-v2 weights and Gab Hate Corpus posts; and the packer wast
 padding on that real text."""
 
 import csv
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 from conftest import SHARED_DATA
 from patch_fixtures import randomize_patch
+from test_real_text import GHC, real_config, train_shapes
+from test_upstream import Interrupted, kill_at_batch
 
-from peftdebias_jax import models, peft
-from peftdebias_jax.data import packing
+from peftdebias_jax import masks, models, peft, phases
+from peftdebias_jax.data import packing, pipeline
 from peftdebias_jax.models.encoder import offsets_in_segment
+from peftdebias_jax.training import steps
+from peftdebias_jax.training.state import TrainState
 
 PATCHES = {
     "none": None,
@@ -201,3 +207,131 @@ def test_packing_real_posts_pads_far_less_than_padding_each_batch(minilm_dir):
     packed_padding, dynamic_padding = 1 - real / packed_slots, 1 - real / dynamic_slots
     assert packed_padding < 0.08, packed_padding
     assert dynamic_padding > 0.4, dynamic_padding
+
+
+def ghc_sequences(minilm_dir, count: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Token ids of the first `count` Gab Hate Corpus posts, and their hate labels."""
+    tokenizer = models.load_tokenizer(minilm_dir)
+    with (SHARED_DATA / "ghc" / "ghc_train.tsv").open(newline="") as f:
+        rows = [r for _, r in zip(range(count), csv.DictReader(f, delimiter="\t"), strict=False)]
+    ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=128)["input_ids"]
+    return [np.asarray(s, np.int32) for s in ids], np.asarray([int(r["hd"]) for r in rows])
+
+
+def test_packed_batches_hold_each_example_once_an_epoch_in_few_row_counts(minilm_dir):
+    sequences, labels = ghc_sequences(minilm_dir, 600)
+    weights = np.where(labels == 1, 5.0, 1.0)
+    make = lambda: packing.PackedBatches(sequences, 32, 128, 0, 7, None, labels, 40,  # noqa: E731
+                                         run_length=10, row_count_limit=8, compile_steps=4.0,
+                                         weights=weights)  # fmt: skip
+    batches = make()
+    assert 1 <= len(batches.row_counts) <= 3, batches.row_counts
+    for epoch in (0, 1):
+        specs = batches.training_epoch(epoch)
+        assert len(specs) == 19  # ceil(600 / 32): the last batch wraps around
+        seen = [i for spec in specs for i in spec.rows]
+        assert set(seen) == set(range(600)) and len(seen) == 19 * 32
+        assert all(spec.length in batches.row_counts for spec in specs)
+        assert specs == make().training_epoch(epoch), "a pure function of (seed, epoch)"
+    assert batches.training_epoch(0) != batches.training_epoch(1)
+    spec = batches.training_epoch(0)[0]
+    arrays = batches.materialize(spec)
+    assert arrays["input_ids"].shape == (spec.length, 128)
+    assert arrays["label"].shape == arrays["weight"].shape == (spec.length, 16)
+    slots = arrays["weight"] > 0
+    assert slots.sum() == 32
+    segment_lengths = [
+        int(np.sum(arrays["segment_ids"][r] == s + 1))
+        for r, s in zip(*np.nonzero(slots), strict=True)
+    ]
+    assert sorted(segment_lengths) == sorted(len(sequences[i]) for i in spec.rows)
+    assert sorted(arrays["weight"][slots]) == sorted(weights[list(spec.rows)])
+    specs, _ = batches.next_call(0, 0, 10)
+    assert len({s.length for s in specs}) == 1, "a call stacks batches of one shape"
+    padding = 1 - sum(map(len, sequences)) / (
+        128 * sum(s.length for s in batches.training_epoch(0))
+    )
+    assert padding < 0.2, padding
+
+
+def test_a_packed_train_step_equals_the_unpacked_one_on_real_posts(minilm_dir):
+    """One downstream step (class weights) on 32 real posts with the real weights, dropout
+    off: packed and padded batches give the same loss and gradient (plain SGD with rate 1:
+    each weight moves by its gradient; Adam's first update, about lr * sign(gradient),
+    would blow float rounding of near-zero gradients up to the rate)."""
+    sequences, labels = ghc_sequences(minilm_dir, 32)
+    module, params = models.from_pretrained(minilm_dir, head="classifier", num_labels=2)
+    config = module.config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    module = module.clone(config=config)
+    label_tree = masks.labels(params, [(".*", "train")])
+    tx = masks.optimizer(optax.sgd(1.0), label_tree)
+    step = jax.jit(steps.make_classification_train_step(module, tx, label_tree))
+    weights = np.where(labels == 1, 5.0, 1.0).astype(np.float32)
+    padded = pipeline.Batches(
+        sequences, 32, 128, 0, 0, None, labels, weights=weights, lengths=[128]
+    )
+    packed = packing.PackedBatches(sequences, 32, 128, 0, 0, None, labels, 1, weights=weights)
+    plain_batch = padded.materialize(padded.evaluation()[0])
+    plain_batch["token_type_ids"] = np.zeros_like(plain_batch["input_ids"])
+    packed_spec = packed.training_epoch(0)[0]
+    packed_batch = packed.materialize(packed_spec)
+    assert packed_batch["input_ids"].size < plain_batch["input_ids"].size / 2
+    state = TrainState.create(params, tx, 0)
+    want_state, want = step(state, plain_batch)
+    got_state, got = step(TrainState.create(params, tx, 0), packed_batch)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
+    moved = lambda new: jax.tree_util.tree_map(jnp.subtract, params, new.params)  # noqa: E731
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(moved(want_state)),
+                            jax.tree_util.tree_leaves(moved(got_state)), strict=True):  # fmt: skip
+        # float32 weights near 1 resolve steps of about 1e-7: a floor for leaves that barely move
+        atol = max(1e-4 * float(jnp.max(jnp.abs(w))), 1e-6)
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=atol, err_msg=str(path))
+
+
+def padding_of(workdir, phase: str) -> float:
+    """The phase's padding fraction over its logged steps (metrics.jsonl)."""
+    real = padded = 0.0
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("phase") == phase and "padding" in record:
+            tokens = record["real_tokens_per_s"] / record["examples_per_s"]
+            real, padded = real + tokens, padded + tokens / (1 - record["padding"])
+    return 1 - real / padded
+
+
+def test_packed_downstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, caplog):
+    """The downstream phase as the race config runs it (steps_per_call 10, runs of 10,
+    max_len 128), plain fine-tuning of the real all-MiniLM-L6-v2 on real posts, batches of
+    32 packed: it finishes with finite numbers, pads less than the length buckets, and a
+    run killed inside a multi-step call resumes to the same predictions."""
+    caplog.set_level("INFO", logger="peftdebias_jax")
+
+    def config(pack: bool):
+        config = real_config("race_adapter", minilm_dir, GHC)
+        config.phases, config.patch.method = ("downstream",), "none"
+        dn = config.downstream
+        dn.update(batch_size=32, pack=pack)
+        dn.max_examples.update(train=320, validation=64)
+        return config
+
+    phases.run(config(True), tmp_path / "packed")
+    shapes = train_shapes(caplog, "downstream")
+    assert shapes and all(shape.endswith(", 128)") for shape in shapes), shapes
+    assert any("packed into rows of 128 tokens" in r.getMessage() for r in caplog.records)
+    results = json.loads((tmp_path / "packed" / "downstream_results.json").read_text())
+    assert 0 <= results["validation"]["accuracy"] <= 100
+    phases.run(config(False), tmp_path / "buckets")
+    packed, buckets = (
+        padding_of(tmp_path / "packed", "downstream"),
+        padding_of(tmp_path / "buckets", "downstream"),
+    )
+    assert packed < buckets and packed < 0.2, (packed, buckets)
+
+    with kill_at_batch(monkeypatch, 15), pytest.raises(Interrupted):
+        phases.run(config(True), tmp_path / "resumed")
+    phases.run(config(True), tmp_path / "resumed")
+    for name in ("packed", "resumed"):
+        assert (tmp_path / name / "downstream.done.json").exists()
+    want = (tmp_path / "packed" / "predictions" / "validation.jsonl").read_text()
+    assert (tmp_path / "resumed" / "predictions" / "validation.jsonl").read_text() == want

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from peftdebias_jax.data import pipeline
+
 
 def pack(lengths: Sequence[int], width: int, max_segments: int) -> list[list[int]]:
     """Indices of `lengths` grouped into rows of at most `width` tokens and `max_segments`
@@ -86,3 +88,105 @@ def packed_arrays(
         "segment_starts": starts,
         "example": example,
     }
+
+
+class PackedBatches(pipeline.Batches):
+    """Training batches of `batch_size` examples each, packed into rows of `width` tokens
+    instead of padded to a length bucket: a batch's shape is [row count, width], its row
+    count the fewest of a few fitted `row_counts` that holds it. The epoch order is a pure
+    function of (seed, epoch), as `pipeline.Batches`': shuffled examples cut into batches
+    (the last wraps around), in shuffled runs of up to `run_length` batches of one row
+    count. Labels and weights come per slot [rows, max_segments] (weight 0 in empty slots).
+    One process only: the rows are not split among processes."""
+
+    def __init__(
+        self,
+        sequences: Sequence[np.ndarray],
+        batch_size: int,
+        width: int,
+        pad_id: int,
+        seed: int,
+        token_types: Sequence[np.ndarray] | None,
+        labels: Sequence[int],
+        updates: int,
+        run_length: int = 1,
+        max_segments: int = 16,
+        row_count_limit: int = 8,
+        rows_multiple: int = 1,
+        compile_steps: float = 0.0,
+        weights: Sequence[float] | None = None,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
+        """`updates`: the batches the run draws (their row needs fit the row counts);
+        `compile_steps`: a row count's compile priced as that many steps of the mean row
+        need, so a row count is added only where the rows it saves over the run outweigh it;
+        `rows_multiple`: the devices a batch's rows split over. `lengths`: the buckets
+        scoring reuses (`pipeline.Batches`' own otherwise)."""
+        super().__init__(sequences, batch_size, width, pad_id, seed, token_types, labels,
+                         run_length, lengths=lengths, weights=weights)  # fmt: skip
+        self.width, self.max_segments = width, max_segments
+        self.sizes = [len(seq) for seq in self.sequences]
+        per_epoch = -(-len(self.sequences) // batch_size)
+        needs = [
+            len(self.packed(batch))
+            for epoch in range(-(-max(1, updates) // per_epoch))
+            for batch in self._epoch_batches(epoch)
+        ][: max(1, updates)]
+        needs = [-(-n // rows_multiple) * rows_multiple for n in needs]
+        self.row_counts = pipeline.fitted_bucket_lengths(
+            needs, row_count_limit, max(needs), multiple=rows_multiple,
+            compile_tokens=compile_steps * float(np.mean(needs)),
+        )  # fmt: skip
+        self.buckets = {count: [] for count in self.row_counts}
+
+    def packed(self, batch: Sequence[int]) -> list[list[int]]:
+        """The rows of one batch of example indices (`pack`), as indices into sequences."""
+        rows = pack([self.sizes[i] for i in batch], self.width, self.max_segments)
+        return [[batch[i] for i in row] for row in rows]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.sequences))
+        count = -(-len(order) // self.batch_size)
+        order = np.resize(order, count * self.batch_size)
+        return [
+            order[s : s + self.batch_size].tolist() for s in range(0, len(order), self.batch_size)
+        ]
+
+    def training_epoch(self, epoch: int) -> list[pipeline.BatchSpec]:
+        """The epoch's batches, each a spec whose `length` is its row count, in shuffled
+        runs of up to `run_length` batches of one row count."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        by_count: dict[int, list[pipeline.BatchSpec]] = {}
+        for batch in self._epoch_batches(epoch):
+            need = len(self.packed(batch))
+            count = next((c for c in self.row_counts if c >= need), None)
+            if count is None:  # only where `updates` undercounted the run's batches
+                raise ValueError(f"a batch of epoch {epoch} needs {need} packed rows: more "
+                                 f"than the {self.row_counts[-1]} fitted for the run")  # fmt: skip
+            by_count.setdefault(count, []).append(
+                pipeline.BatchSpec(count, tuple(batch), self.batch_size)
+            )
+        runs = [specs[i : i + self.run_length] for _, specs in sorted(by_count.items())
+                for i in range(0, len(specs), self.run_length)]  # fmt: skip
+        order = np.random.default_rng([self.seed, epoch, 2]).permutation(len(runs))
+        self._epoch = (epoch, [spec for i in order for spec in runs[i]])
+        return self._epoch[1]
+
+    def evaluation(self) -> list[pipeline.BatchSpec]:
+        raise NotImplementedError("packed batches are for training; score with pipeline.Batches")
+
+    def materialize(self, spec: pipeline.BatchSpec, rows: slice = slice(None)) -> pipeline.Batch:
+        """The packed arrays of one batch (`packed_arrays`), with its examples' labels and
+        weights per slot; `rows` is ignored (one process holds every row)."""
+        arrays = packed_arrays(self.sequences, self.packed(list(spec.rows)), self.width,
+                               self.max_segments, self.pad_id, self.token_types,
+                               spec.length)  # fmt: skip
+        example = arrays.pop("example")
+        real = example >= 0
+        safe = np.where(real, example, 0)
+        weight = real.astype(np.float32)
+        if self.weights is not None:
+            weight = weight * self.weights[safe]
+        return {**arrays, "label": np.where(real, self.labels[safe], 0).astype(np.int32),
+                "weight": weight}  # fmt: skip

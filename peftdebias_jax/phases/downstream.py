@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, files, masks, peft, processes, trainable_sets
-from peftdebias_jax.data import pipeline, splits, tasks
+from peftdebias_jax.data import packing, pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation.scoring import score_split
 from peftdebias_jax.importance import fisher
@@ -108,6 +108,22 @@ def base_model_dir(config, workdir: Path) -> Path | None:
     return None
 
 
+def check_packable(module) -> None:
+    """Packed training batches (config.downstream.pack) need one process and no prompt
+    tuning patch (its prompt states would be shared by a row's examples)."""
+    if processes.count() > 1:
+        raise ConfigError(
+            f"config.downstream.pack=True runs on one process, and this run has "
+            f"{processes.count()}: set config.downstream.pack=False"
+        )
+    if any(patch.kind == "prompt" for patch in module.patches):
+        raise ConfigError(
+            "config.downstream.pack=True cannot train beside a prompt tuning patch (its "
+            "prompt states would be shared by every example of a packed row): set "
+            "config.downstream.pack=False"
+        )
+
+
 def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
     dn = config.downstream
@@ -148,12 +164,15 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
                                         "config.downstream.class_weights")  # fmt: skip
     log.info("downstream class weights (%s): %s", dn.class_weights, class_weights)
     weights = np.asarray([class_weights[name] for name in labels], np.float32)[train_y]
-    batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
-                               train_types, train_y, dn.bucket_run_length, dn.bucket_count,
-                               **common.bucket_costs(dn, train_ids, updates),
-                               weights=weights)  # fmt: skip
-    steps_per_epoch = len(batches.training_epoch(0))
-    num_steps = dn.num_steps or dn.epochs * steps_per_epoch
+    if dn.pack:
+        check_packable(module)
+        num_steps = updates  # packed epochs hold every example once: ceil(n / batch) batches
+    else:
+        batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,
+                                   train_types, train_y, dn.bucket_run_length, dn.bucket_count,
+                                   **common.bucket_costs(dn, train_ids, updates),
+                                   weights=weights)  # fmt: skip
+        num_steps = dn.num_steps or dn.epochs * len(batches.training_epoch(0))
     settings = FitSettings.of(dn, num_steps, "downstream", "config.downstream")
 
     def make_step(tx, axis_name):
@@ -168,6 +187,14 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         entries=trainable_entries,
     )  # fmt: skip
     runner = trainer.runner
+    if dn.pack:
+        batches = packing.PackedBatches(
+            train_ids, dn.batch_size, dn.max_len, pad, config.seed, train_types, train_y,
+            num_steps, dn.bucket_run_length, dn.pack_segments, dn.bucket_count,
+            runner.rows_multiple, dn.bucket_compile_steps, weights=weights,
+        )  # fmt: skip
+        log.info("downstream: %d examples a batch packed into rows of %d tokens; row counts %s",
+                 dn.batch_size, dn.max_len, batches.row_counts)  # fmt: skip
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
     runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
 

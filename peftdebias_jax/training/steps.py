@@ -282,7 +282,8 @@ def make_classification_train_step(
     mean: sum_i w_i ce_i / sum_i w_i over the (global) batch, with each row's weight w_i
     (its label's class weight; 0 for filler) in batch["weight"], so that one program serves
     every weighting; plus `regularizer(params)` when given (its gradient added once, after
-    the cross-device sum)."""
+    the cross-device sum). Packed batches (`data.packing`) carry labels and weights per
+    slot [rows, slots]: the same sums."""
 
     def loss_fn(params, batch, dropout_rng, total_weight):
         logits = module.apply(
@@ -292,6 +293,7 @@ def make_classification_train_step(
             batch["token_type_ids"],
             deterministic=False,
             rngs={"dropout": dropout_rng},
+            **packed_inputs(batch),
         )
         ce = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["label"]
@@ -319,6 +321,13 @@ def make_classification_train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
+
+
+def packed_inputs(batch) -> dict:
+    """The model's packed-row inputs when the batch has them (`data.packing`), else none."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids": batch["segment_ids"], "segment_starts": batch["segment_starts"]}
 
 
 def make_predict_step(module):
