@@ -144,13 +144,9 @@ class PackedBatches(pipeline.Batches):
         rows = pack([self.sizes[i] for i in batch], self.width, self.max_segments)
         return [[batch[i] for i in row] for row in rows]
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> list[tuple[int, ...]]:
         order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.sequences))
-        count = -(-len(order) // self.batch_size)
-        order = np.resize(order, count * self.batch_size)
-        return [
-            order[s : s + self.batch_size].tolist() for s in range(0, len(order), self.batch_size)
-        ]
+        return pipeline.full_batches(order, self.batch_size)
 
     def training_epoch(self, epoch: int) -> list[pipeline.BatchSpec]:
         """The epoch's batches, each a spec whose `length` is its row count, in shuffled
@@ -164,13 +160,10 @@ class PackedBatches(pipeline.Batches):
             if count is None:  # only where `updates` undercounted the run's batches
                 raise ValueError(f"a batch of epoch {epoch} needs {need} packed rows: more "
                                  f"than the {self.row_counts[-1]} fitted for the run")  # fmt: skip
-            by_count.setdefault(count, []).append(
-                pipeline.BatchSpec(count, tuple(batch), self.batch_size)
-            )
-        runs = [specs[i : i + self.run_length] for _, specs in sorted(by_count.items())
-                for i in range(0, len(specs), self.run_length)]  # fmt: skip
-        order = np.random.default_rng([self.seed, epoch, 2]).permutation(len(runs))
-        self._epoch = (epoch, [spec for i in order for spec in runs[i]])
+            by_count.setdefault(count, []).append(pipeline.BatchSpec(count, batch, self.batch_size))
+        groups = [by_count[count] for count in sorted(by_count)]
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        self._epoch = (epoch, pipeline.in_shuffled_runs(groups, self.run_length, rng))
         return self._epoch[1]
 
     def evaluation(self) -> list[pipeline.BatchSpec]:

@@ -131,6 +131,23 @@ def evaluation_rows(count: int, limit: int, buckets: int, multiple: int = 1) -> 
     return max(multiple, min(limit, rows))
 
 
+def full_batches(rows: np.ndarray, batch_size: int) -> list[tuple[int, ...]]:
+    """`rows` cut into batches of `batch_size`, the last one filled by wrapping around to
+    the first rows."""
+    count = -(-len(rows) // batch_size)
+    padded = np.resize(rows, count * batch_size)
+    return [
+        tuple(int(r) for r in padded[s : s + batch_size]) for s in range(0, len(padded), batch_size)
+    ]
+
+
+def in_shuffled_runs(groups: Sequence[Sequence], run_length: int, rng: np.random.Generator) -> list:
+    """The items of `groups` (e.g. the batches of one shape each) cut into runs of up to
+    `run_length` consecutive items of one group, the runs in an order drawn from `rng`."""
+    runs = [group[i : i + run_length] for group in groups for i in range(0, len(group), run_length)]
+    return [item for i in rng.permutation(len(runs)) for item in runs[i]]
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """Which rows form one batch, padded to `length`."""
@@ -195,19 +212,12 @@ class Batches:
         if self._epoch is not None and self._epoch[0] == epoch:
             return self._epoch[1]
         rng = np.random.default_rng([self.seed, epoch])
-        runs = []
-        for length in sorted(self.buckets):
-            rows = rng.permutation(self.buckets[length])
-            count = -(-len(rows) // self.batch_size)
-            padded = np.resize(rows, count * self.batch_size)
-            specs = [
-                BatchSpec(length, tuple(int(r) for r in padded[s : s + self.batch_size]),
-                          self.batch_size)
-                for s in range(0, len(padded), self.batch_size)
-            ]  # fmt: skip
-            runs += [specs[i : i + self.run_length] for i in range(0, len(specs), self.run_length)]
-        order = rng.permutation(len(runs))
-        self._epoch = (epoch, [spec for i in order for spec in runs[i]])
+        groups = [
+            [BatchSpec(length, batch, self.batch_size)
+             for batch in full_batches(rng.permutation(self.buckets[length]), self.batch_size)]
+            for length in sorted(self.buckets)
+        ]  # fmt: skip
+        self._epoch = (epoch, in_shuffled_runs(groups, self.run_length, rng))
         return self._epoch[1]
 
     def next_call(
