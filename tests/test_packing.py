@@ -335,3 +335,13 @@ def test_packed_downstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch,
         assert (tmp_path / name / "downstream.done.json").exists()
     want = (tmp_path / "packed" / "predictions" / "validation.jsonl").read_text()
     assert (tmp_path / "resumed" / "predictions" / "validation.jsonl").read_text() == want
+
+
+def test_row_counts_hold_every_batch_of_the_epochs_a_run_touches():
+    """A run of fewer updates than an epoch still builds the whole epoch's order: the row
+    counts are fitted over all its batches, not only the first `updates` drawn."""
+    sequences = [np.ones(n, np.int32) for n in [1] * 32 + [10] * 32]
+    for seed in range(10):
+        batches = packing.PackedBatches(sequences, 32, 10, 0, seed, None, [0] * 64, 1)
+        needs = [len(batches.packed(spec.rows)) for spec in batches.training_epoch(0)]
+        assert max(needs) <= batches.row_counts[-1], (seed, needs, batches.row_counts)

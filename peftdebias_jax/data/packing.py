@@ -117,21 +117,23 @@ class PackedBatches(pipeline.Batches):
         weights: Sequence[float] | None = None,
         lengths: Sequence[int] | None = None,
     ) -> None:
-        """`updates`: the batches the run draws (their row needs fit the row counts);
-        `compile_steps`: a row count's compile priced as that many steps of the mean row
-        need, so a row count is added only where the rows it saves over the run outweigh it;
-        `rows_multiple`: the devices a batch's rows split over. `lengths`: the buckets
-        scoring reuses (`pipeline.Batches`' own otherwise)."""
+        """`updates`: the batches the run draws (the row counts hold every batch of the
+        epochs they fall in); `compile_steps`: a row count's compile priced as that many
+        steps of the mean row need, so a row count is added only where the rows it saves
+        over the run outweigh it; `rows_multiple`: the devices a batch's rows split over.
+        `lengths`: the buckets scoring reuses (`pipeline.Batches`' own otherwise)."""
         super().__init__(sequences, batch_size, width, pad_id, seed, token_types, labels,
                          run_length, lengths=lengths, weights=weights)  # fmt: skip
         self.width, self.max_segments = width, max_segments
         self.sizes = [len(seq) for seq in self.sequences]
         per_epoch = -(-len(self.sequences) // batch_size)
+        # every batch of every epoch the run touches: an epoch's order (its runs of one row
+        # count) is built whole, so its later batches need a row count too
         needs = [
             len(self.packed(batch))
             for epoch in range(-(-max(1, updates) // per_epoch))
             for batch in self._epoch_batches(epoch)
-        ][: max(1, updates)]
+        ]
         needs = [-(-n // rows_multiple) * rows_multiple for n in needs]
         self.row_counts = pipeline.fitted_bucket_lengths(
             needs, row_count_limit, max(needs), multiple=rows_multiple,
@@ -157,7 +159,7 @@ class PackedBatches(pipeline.Batches):
         for batch in self._epoch_batches(epoch):
             need = len(self.packed(batch))
             count = next((c for c in self.row_counts if c >= need), None)
-            if count is None:  # only where `updates` undercounted the run's batches
+            if count is None:  # an epoch past the run's `updates`
                 raise ValueError(f"a batch of epoch {epoch} needs {need} packed rows: more "
                                  f"than the {self.row_counts[-1]} fitted for the run")  # fmt: skip
             by_count.setdefault(count, []).append(pipeline.BatchSpec(count, batch, self.batch_size))
