@@ -13,7 +13,6 @@ import optax
 import pytest
 import torch
 import transformers
-from conftest import SHARED_DATA
 from patch_fixtures import randomize_patch
 from test_real_text import GHC, real_config, train_shapes
 from test_upstream import Interrupted, kill_at_batch
@@ -164,10 +163,16 @@ def test_prompt_tuning_refuses_packed_rows():
                      segment_starts=arrays["segment_starts"])  # fmt: skip
 
 
+def ghc_rows(count: int) -> list[dict]:
+    """The first `count` rows of the Gab Hate Corpus file (text, hd, cv, vo)."""
+    with GHC.open(newline="") as f:
+        return [
+            row for _, row in zip(range(count), csv.DictReader(f, delimiter="\t"), strict=False)
+        ]
+
+
 def ghc_posts(count: int) -> list[str]:
-    with (SHARED_DATA / "ghc" / "ghc_train.tsv").open(newline="") as f:
-        rows = csv.DictReader(f, delimiter="\t")
-        return [row["text"] for _, row in zip(range(count), rows, strict=False)]
+    return [row["text"] for row in ghc_rows(count)]
 
 
 def test_packed_minilm_states_match_transformers_on_each_post_alone(minilm_dir):
@@ -212,8 +217,7 @@ def test_packing_real_posts_pads_far_less_than_padding_each_batch(minilm_dir):
 def ghc_sequences(minilm_dir, count: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Token ids of the first `count` Gab Hate Corpus posts, and their hate labels."""
     tokenizer = models.load_tokenizer(minilm_dir)
-    with (SHARED_DATA / "ghc" / "ghc_train.tsv").open(newline="") as f:
-        rows = [r for _, r in zip(range(count), csv.DictReader(f, delimiter="\t"), strict=False)]
+    rows = ghc_rows(count)
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=128)["input_ids"]
     return [np.asarray(s, np.int32) for s in ids], np.asarray([int(r["hd"]) for r in rows])
 
