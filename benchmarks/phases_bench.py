@@ -17,12 +17,11 @@ gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch 
 32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
 "ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed);
 "ours_ahead" runs it cold with `parallel.compile_ahead=True` (later buckets compile in the
-background) and its own cache; "ours_packed" runs downstream cold with `downstream.pack=True`
-(examples packed several to a row) on ours' upstream patch (its own upstream is not run:
-`--sides ours ours_packed`). Per side: wall time, time to the first update, compiles and
-the seconds training waited for them (and the seconds of those compiled in the background),
-examples/s and real (non-pad) tokens/s of wall time, padding fraction, peak RSS, bytes
-written.
+background) and its own cache; "ours_packed" runs it cold with `upstream.pack=True` and
+`downstream.pack=True` (sequences packed several to a row) and its own cache. Per side:
+wall time, time to the first update, compiles and the seconds training waited for them
+(and the seconds of those compiled in the background), examples/s and real (non-pad)
+tokens/s of wall time, padding fraction, peak RSS, bytes written.
 """
 
 from __future__ import annotations
@@ -55,10 +54,8 @@ CORPORA = {"ghc": ("race_adapter", 640, 128), "biasbios": ("gender_adapter", 224
 SIDES = ("ours", "ours_warm", "ours_ahead", "ours_packed", "reference", "tuned")
 OVERRIDES = {
     "ours_ahead": ["--config.parallel.compile_ahead=True"],
-    "ours_packed": ["--config.downstream.pack=True"],
+    "ours_packed": ["--config.upstream.pack=True", "--config.downstream.pack=True"],
 }
-# sides whose upstream would be ours' own: not run; their downstream loads ours' patch
-PATCH_FROM = {"ours_packed": "ours"}
 PHASES = ("upstream", "downstream")
 BATCH = 32  # both race phases' batch size in the configs and the reference scripts
 
@@ -271,13 +268,12 @@ def main() -> None:
         for phase in args.phases:
             results[phase] = {}
             for side in args.sides:
-                if f"{phase}:{side}" in args.skip or (phase == "upstream" and side in PATCH_FROM):
+                if f"{phase}:{side}" in args.skip:
                     continue
                 print(f"{phase}: {side} ...", flush=True)
                 if side.startswith("ours"):
                     workdir = scratch / side
-                    owner = PATCH_FROM.get(side, side)
-                    patch = scratch / owner / "patch" if phase == "downstream" else None
+                    patch = workdir / "patch" if phase == "downstream" else None
                     own_cache = cache.with_name(f"xla-cache-{side}") if side in OVERRIDES else cache
                     result = ours(phase, workdir, own_cache, base, data, args.updates, patch,
                                   args.corpus, OVERRIDES.get(side, []))  # fmt: skip

@@ -160,6 +160,11 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # buckets' lengths and so their shapes. Upstream as the reference (= batch_size): its
     # evaluation scores the whole vocabulary at every position, 1 GB of logits at 32 x 256
     config.upstream.eval_batch_size = config.upstream.batch_size
+    # training batches packed several sequences to a row of max_len tokens, as
+    # config.downstream.pack (each sequence attends only to itself and is masked as alone);
+    # evaluation stays padded to the length buckets. One process; not with prompt tuning
+    config.upstream.pack = False
+    config.upstream.pack_segments = 16  # at most this many sequences in a packed row
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
     # a base without an MLM head (sentence encoders, e.g. all-MiniLM-L6-v2): first train the
     # head alone on plain masked LM (no CDA, no patch) so the patch's steps go to the

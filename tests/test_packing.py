@@ -14,12 +14,14 @@ import pytest
 import torch
 import transformers
 from patch_fixtures import randomize_patch
-from test_real_text import GHC, real_config, train_shapes
+from test_real_text import GHC, assert_same_patches, real_config, train_shapes
 from test_upstream import Interrupted, kill_at_batch
 
 from peftdebias_jax import masks, models, peft, phases
-from peftdebias_jax.data import packing, pipeline
+from peftdebias_jax.data import mlm, packing, pipeline
+from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.models.encoder import offsets_in_segment
+from peftdebias_jax.phases import common
 from peftdebias_jax.training import steps
 from peftdebias_jax.training.state import TrainState
 
@@ -163,6 +165,14 @@ def test_prompt_tuning_refuses_packed_rows():
                      segment_starts=arrays["segment_starts"])  # fmt: skip
 
 
+@pytest.mark.parametrize("key", ["config.upstream.pack", "config.downstream.pack"])
+def test_a_phase_refuses_to_pack_beside_a_prompt_tuning_patch(key):
+    module, _ = build("bert", "classifier", "prompt")
+    with pytest.raises(ConfigError, match=f"{key}=True cannot train beside a prompt tuning"):
+        common.check_packable(module, key)
+    common.check_packable(build("bert", "classifier", "lora")[0], key)
+
+
 def ghc_rows(count: int) -> list[dict]:
     """The first `count` rows of the Gab Hate Corpus file (text, hd, cv, vo)."""
     with GHC.open(newline="") as f:
@@ -220,6 +230,21 @@ def ghc_sequences(minilm_dir, count: int) -> tuple[list[np.ndarray], np.ndarray]
     rows = ghc_rows(count)
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=128)["input_ids"]
     return [np.asarray(s, np.int32) for s in ids], np.asarray([int(r["hd"]) for r in rows])
+
+
+def test_length_stratified_batches_are_random_samples_with_steady_token_totals(minilm_dir):
+    """Each real post once an epoch, batches differing from epoch to epoch, and each
+    batch's token total spread far less than shuffled batches' (what packing rounds up)."""
+    sequences, _ = ghc_sequences(minilm_dir, 640)
+    sizes = np.asarray([len(s) for s in sequences])
+    draw = lambda seed: packing.length_stratified_batches(sizes, 32, np.random.default_rng(seed))  # noqa: E731
+    batches = draw(0)
+    assert sorted(i for batch in batches for i in batch) == list(range(640))
+    assert {frozenset(b) for b in batches}.isdisjoint({frozenset(b) for b in draw(1)})
+    assert batches == draw(0)
+    stratified = np.std([sizes[list(b)].sum() for b in batches])
+    shuffled = np.std(sizes[np.random.default_rng(0).permutation(640)].reshape(20, 32).sum(axis=1))
+    assert stratified < shuffled / 3, (stratified, shuffled)
 
 
 def test_packed_batches_hold_each_example_once_an_epoch_in_few_row_counts(minilm_dir):
@@ -293,6 +318,73 @@ def test_a_packed_train_step_equals_the_unpacked_one_on_real_posts(minilm_dir):
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=atol, err_msg=str(path))
 
 
+def test_packed_masked_lm_batches_weigh_rows_and_seed_their_masks(minilm_dir):
+    """Without labels (upstream) a packed batch carries a weight and a mask seed per row,
+    as padded rows do: weight 1 where a row holds a sequence, 0 in filler rows."""
+    sequences, _ = ghc_sequences(minilm_dir, 200)
+    batches = packing.PackedBatches(sequences, 32, 128, 0, 3, None, None, 7, run_length=10)
+    seen = []
+    for spec in batches.training_epoch(0):
+        batch = batches.materialize(spec)
+        assert "label" not in batch and "segment_starts" not in batch
+        np.testing.assert_array_equal(batch["index"], np.arange(spec.length))
+        holds = batch["segment_ids"].max(axis=1) > 0
+        np.testing.assert_array_equal(batch["weight"], holds.astype(np.float32))
+        for row in batch["segment_ids"]:
+            seen.append(int(row.max()))
+    assert sum(seen) == 32 * len(batches.training_epoch(0))
+
+
+def test_packed_masked_lm_loss_and_gradients_equal_the_unpacked_ones(minilm_dir):
+    """The upstream loss on 32 real posts packed into rows of 128, with the decoder on the
+    training step's capped positions (mean + 3 sd a row and a batch), equals the exact loss
+    on the same posts padded one to a row with the same tokens masked, gradients too."""
+    sequences, _ = ghc_sequences(minilm_dir, 32)
+    tokenizer = models.load_tokenizer(minilm_dir)
+    module, params = models.from_pretrained(minilm_dir, head="mlm")
+    config = module.config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    module = module.clone(config=config)
+    ids, attention = alone(sequences, 0)
+    plain = {"input_ids": ids, "attention_mask": attention, "weight": np.ones(32, np.float32),
+             "index": np.arange(32)}  # fmt: skip
+    masking = steps.MaskingConfig(
+        mlm.special_ids_of(tokenizer), tokenizer.mask_token_id, len(tokenizer)
+    )
+    inputs, selected = masking.mask(jax.random.key(0), plain, plain["index"])
+    rows = packing.pack([len(s) for s in sequences], 128, 16)
+    arrays = packing.packed_arrays(sequences, rows, 128, 16, 0)
+    assert len(rows) < 32 / 3
+    packed_inputs = np.array(arrays["input_ids"])
+    packed_selected = np.zeros_like(packed_inputs, bool)
+    for r, s in zip(*np.nonzero(arrays["example"] >= 0), strict=True):
+        i, start = arrays["example"][r, s], arrays["segment_starts"][r, s]
+        packed_inputs[r, start : start + len(sequences[i])] = inputs[i, : len(sequences[i])]
+        packed_selected[r, start : start + len(sequences[i])] = selected[i, : len(sequences[i])]
+    assert packed_selected.sum() == int(selected.sum()) > 100
+    limit = steps.max_predictions_for(128, 0.15, -1)
+    total = steps.batch_predictions_for(len(rows), 128, 0.15, -1)
+    assert packed_selected.sum(axis=1).max() <= limit and packed_selected.sum() <= total
+
+    most = int(selected.sum(axis=1).max())  # every selected position: exact, fewer logits
+
+    def unpacked(p):
+        return steps.mlm_loss_sum(module, p, inputs, plain["input_ids"],
+                                  plain["attention_mask"], selected, None, most)  # fmt: skip
+
+    def packed_loss(p):
+        return steps.mlm_loss_sum(module, p, packed_inputs, arrays["input_ids"],
+                                  arrays["attention_mask"], packed_selected, None, limit, total,
+                                  segment_ids=arrays["segment_ids"])  # fmt: skip
+
+    want, want_grads = jax.jit(jax.value_and_grad(unpacked))(params)
+    got, got_grads = jax.jit(jax.value_and_grad(packed_loss))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want_grads),
+                            jax.tree_util.tree_leaves(got_grads), strict=True):  # fmt: skip
+        atol = max(1e-4 * float(jnp.max(jnp.abs(w))), 1e-6)
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=atol, err_msg=str(path))
+
+
 def padding_of(workdir, phase: str) -> float:
     """The phase's padding fraction over its logged steps (metrics.jsonl)."""
     real = padded = 0.0
@@ -339,6 +431,30 @@ def test_packed_downstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch,
         assert (tmp_path / name / "downstream.done.json").exists()
     want = (tmp_path / "packed" / "predictions" / "validation.jsonl").read_text()
     assert (tmp_path / "resumed" / "predictions" / "validation.jsonl").read_text() == want
+
+
+def test_packed_upstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, caplog):
+    """The upstream phase as the race config runs it (CDA, seq_bn, steps_per_call 10, runs
+    of 10) with its head warm-up, real all-MiniLM-L6-v2 on real posts, batches of 32
+    sequences packed into rows of 128: it finishes, pads under 15% of its training tokens,
+    and a run killed inside a multi-step call resumes to the same patch bits."""
+    caplog.set_level("INFO", logger="peftdebias_jax")
+    config = real_config("race_adapter", minilm_dir, GHC, batch_size=32, pack=True)
+    config.phases = ("upstream",)
+    phases.run(config, tmp_path / "packed")
+    for name in ("upstream_head", "upstream"):
+        shapes = train_shapes(caplog, name)
+        assert shapes and all(shape.endswith(", 128)") for shape in shapes), (name, shapes)
+        assert any(r.getMessage().startswith(f"{name}: 32 sequences a batch packed into rows")
+                   for r in caplog.records), name  # fmt: skip
+        padding = padding_of(tmp_path / "packed", name)
+        assert padding < 0.15, (name, padding)
+
+    # killed while its step 14 is prepared (a call of steps 11-20, after the warm-up's 10)
+    with kill_at_batch(monkeypatch, 24), pytest.raises(Interrupted):
+        phases.run(config, tmp_path / "resumed")
+    phases.run(config, tmp_path / "resumed")
+    assert_same_patches(tmp_path / "packed", tmp_path / "resumed")
 
 
 def test_row_counts_hold_every_batch_of_the_epochs_a_run_touches():

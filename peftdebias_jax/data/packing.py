@@ -90,14 +90,33 @@ def packed_arrays(
     }
 
 
+def length_stratified_batches(
+    sizes: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[tuple[int, ...]]:
+    """One epoch's batches of indices into `sizes`, each drawing one example from each of
+    `batch_size` length strata (the examples sorted by length, ties in a random order, cut
+    into that many runs; each run shuffled): every batch is a random sample spread over the
+    lengths, so its token total, and the packed rows it needs, varies little from batch to
+    batch. Each example comes once; to fill the last strata the shortest come again."""
+    order = rng.permutation(len(sizes))
+    count = -(-len(sizes) // batch_size)
+    by_length = order[np.argsort(np.asarray(sizes)[order], kind="stable")]
+    strata = rng.permuted(
+        np.resize(by_length, count * batch_size).reshape(batch_size, count), axis=1
+    )
+    return [tuple(int(i) for i in strata[:, k]) for k in range(count)]
+
+
 class PackedBatches(pipeline.Batches):
     """Training batches of `batch_size` examples each, packed into rows of `width` tokens
     instead of padded to a length bucket: a batch's shape is [row count, width], its row
     count the fewest of a few fitted `row_counts` that holds it. The epoch order is a pure
-    function of (seed, epoch), as `pipeline.Batches`': shuffled examples cut into batches
-    (the last wraps around), in shuffled runs of up to `run_length` batches of one row
-    count. Labels and weights come per slot [rows, max_segments] (weight 0 in empty slots).
-    One process only: the rows are not split among processes."""
+    function of (seed, epoch), as `pipeline.Batches`': length-stratified random batches
+    (`length_stratified_batches`: few row counts fit them all), in shuffled runs of up to
+    `run_length` batches of one row count. Labels and weights come per slot [rows,
+    max_segments] (weight 0 in empty slots); without labels (masked LM) a row's weight
+    says whether it holds an example and its `index` seeds its masks. One process only:
+    the rows are not split among processes."""
 
     def __init__(
         self,
@@ -107,7 +126,7 @@ class PackedBatches(pipeline.Batches):
         pad_id: int,
         seed: int,
         token_types: Sequence[np.ndarray] | None,
-        labels: Sequence[int],
+        labels: Sequence[int] | None,
         updates: int,
         run_length: int = 1,
         max_segments: int = 16,
@@ -147,8 +166,8 @@ class PackedBatches(pipeline.Batches):
         return [[batch[i] for i in row] for row in rows]
 
     def _epoch_batches(self, epoch: int) -> list[tuple[int, ...]]:
-        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.sequences))
-        return pipeline.full_batches(order, self.batch_size)
+        return length_stratified_batches(self.sizes, self.batch_size,
+                                         np.random.default_rng([self.seed, epoch, 1]))  # fmt: skip
 
     def training_epoch(self, epoch: int) -> list[pipeline.BatchSpec]:
         """The epoch's batches, each a spec whose `length` is its row count, in shuffled
@@ -179,6 +198,10 @@ class PackedBatches(pipeline.Batches):
                                spec.length)  # fmt: skip
         example = arrays.pop("example")
         real = example >= 0
+        if self.labels is None:  # masked LM: a row's weight and mask seed, as unpacked rows'
+            arrays.pop("segment_starts")
+            rows_used = real.any(axis=1).astype(np.float32)
+            return {**arrays, "index": np.arange(len(real), dtype=np.int32), "weight": rows_used}
         safe = np.where(real, example, 0)
         weight = real.astype(np.float32)
         if self.weights is not None:

@@ -133,6 +133,20 @@ def compile_tokens(section: ml_collections.ConfigDict, sequences: Sequence, rows
     return section.bucket_compile_steps * rows * mean
 
 
+def check_packable(module: models.EncoderModel, key: str) -> None:
+    """Packed training batches (`key`, e.g. config.downstream.pack) need one process and no
+    prompt tuning patch (its prompt states would be shared by a row's examples)."""
+    if processes.count() > 1:
+        raise ConfigError(
+            f"{key}=True runs on one process, and this run has {processes.count()}: set {key}=False"
+        )
+    if any(patch.kind == "prompt" for patch in module.patches):
+        raise ConfigError(
+            f"{key}=True cannot train beside a prompt tuning patch (its prompt states would "
+            f"be shared by every example of a packed row): set {key}=False"
+        )
+
+
 def bucket_costs(section: ml_collections.ConfigDict, sequences: Sequence, updates: int) -> dict:
     """`pipeline.Batches`' compile_tokens and passes for a phase `section` that runs `updates`
     batches over `sequences` (`compile_tokens` prices one more bucket's compile)."""

@@ -108,22 +108,6 @@ def base_model_dir(config, workdir: Path) -> Path | None:
     return None
 
 
-def check_packable(module) -> None:
-    """Packed training batches (config.downstream.pack) need one process and no prompt
-    tuning patch (its prompt states would be shared by a row's examples)."""
-    if processes.count() > 1:
-        raise ConfigError(
-            f"config.downstream.pack=True runs on one process, and this run has "
-            f"{processes.count()}: set config.downstream.pack=False"
-        )
-    if any(patch.kind == "prompt" for patch in module.patches):
-        raise ConfigError(
-            "config.downstream.pack=True cannot train beside a prompt tuning patch (its "
-            "prompt states would be shared by every example of a packed row): set "
-            "config.downstream.pack=False"
-        )
-
-
 def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Fine-tunes, keeps the best validation checkpoint, predicts and scores."""
     dn = config.downstream
@@ -165,7 +149,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     log.info("downstream class weights (%s): %s", dn.class_weights, class_weights)
     weights = np.asarray([class_weights[name] for name in labels], np.float32)[train_y]
     if dn.pack:
-        check_packable(module)
+        common.check_packable(module, "config.downstream.pack")
         num_steps = updates  # packed epochs hold every example once: ceil(n / batch) batches
     else:
         batches = pipeline.Batches(train_ids, dn.batch_size, dn.max_len, pad, config.seed,

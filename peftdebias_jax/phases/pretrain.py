@@ -86,7 +86,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         log_every=pt.log_every, l1=0.0, clip_norm=pt.clip_norm,
         mlm_probability=pt.mlm_probability, max_predictions=pt.max_predictions,
         bucket_count=pt.bucket_count, bucket_run_length=pt.bucket_run_length,
-        bucket_compile_steps=pt.bucket_compile_steps,
+        bucket_compile_steps=pt.bucket_compile_steps, pack=False,
     )  # fmt: skip
     sequences = tuple(pipeline.encode(tokenizer, t, pt.max_len) for t in (train, validation))
     best_dir = workdir / "checkpoints" / "pretrain_best"

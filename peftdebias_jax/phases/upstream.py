@@ -14,13 +14,22 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, files, masks, models, trainable_sets
-from peftdebias_jax.data import cda, pipeline, records, sampling, stereotypes, synthetic
+from peftdebias_jax.data import (
+    cda,
+    packing,
+    pipeline,
+    records,
+    sampling,
+    stereotypes,
+    synthetic,
+)
 from peftdebias_jax.data.mlm import special_ids_of
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.peft import sft
 from peftdebias_jax.phases.common import (
     bucket_costs,
     build_model,
+    check_packable,
     count_params,
     patch_spec,
     scoring_lengths,
@@ -121,9 +130,19 @@ def train_mlm(
     )
     pad = tokenizer.pad_token_id
     train_seqs, eval_seqs = sequences
-    batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
-                               run_length=up.bucket_run_length, bucket_count=up.bucket_count,
-                               **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
+    if up.pack:
+        check_packable(module, "config.upstream.pack")
+        batches = packing.PackedBatches(
+            train_seqs, up.batch_size, up.max_len, pad, config.seed, None, None, up.num_steps,
+            up.bucket_run_length, up.pack_segments, up.bucket_count, runner.rows_multiple,
+            up.bucket_compile_steps,
+        )  # fmt: skip
+        log.info("%s: %d sequences a batch packed into rows of %d tokens; row counts %s",
+                 name, up.batch_size, up.max_len, batches.row_counts)  # fmt: skip
+    else:
+        batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
+                                   run_length=up.bucket_run_length, bucket_count=up.bucket_count,
+                                   **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
     settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
     eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size,

@@ -111,12 +111,14 @@ def _selected_first(selected: jax.Array, count: int) -> jax.Array:
 
 def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropout_rng,
                  max_predictions: int | None = None,
-                 batch_predictions: int | None = None):  # fmt: skip
+                 batch_predictions: int | None = None,
+                 segment_ids: jax.Array | None = None):  # fmt: skip
     """Summed cross-entropy over the selected positions. With `max_predictions` the last
     block runs on that many positions per row (the selected ones first; a static shape)
     instead of all of them, and with `batch_predictions` too the head and decoder run on
     that many of those rows: `selected` must then hold at most that many per row
-    (cap_selection) and per batch (cap_batch_selection)."""
+    (cap_selection) and per batch (cap_batch_selection). `segment_ids`: packed rows
+    (`data.packing`), each example attending only to itself."""
     positions = rows = None
     if max_predictions is not None and max_predictions < inputs.shape[1]:
         positions = _selected_first(selected, max_predictions)
@@ -133,6 +135,7 @@ def mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, dropo
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
         mlm_positions=positions,
         mlm_rows=rows,
+        segment_ids=segment_ids,
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(ce * selected)
@@ -169,15 +172,14 @@ def make_mlm_train_step(
     gradient is added after the (cross-device) masked-LM gradient, as the reference adds
     it in a separate backward pass. `max_predictions` (see max_predictions_for): the
     decoder runs only on that many masked positions per row; 0 = on all positions; -1
-    also caps the batch's decoder rows (batch_predictions_for)."""
+    also caps the batch's decoder rows (batch_predictions_for). A batch with `segment_ids`
+    holds packed rows (`data.packing.PackedBatches`): the caps count per packed row."""
 
-    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count, limits):
-        return (
-            mlm_loss_sum(
-                module, params, inputs, labels, attention_mask, selected, dropout_rng, *limits
-            )
-            / count
-        )
+    def loss_fn(params, inputs, labels, attention_mask, selected, dropout_rng, count, limits,
+                segment_ids):  # fmt: skip
+        total = mlm_loss_sum(module, params, inputs, labels, attention_mask, selected,
+                             dropout_rng, *limits, segment_ids=segment_ids)  # fmt: skip
+        return total / count
 
     grad_fn = masks.value_and_grad(loss_fn, label_tree)
 
@@ -197,9 +199,8 @@ def make_mlm_train_step(
             total = min(total, rows * limit)  # what this device's part can hold
         count = jnp.maximum(psum(jnp.sum(selected), axis_name), 1).astype(jnp.float32)
         with dropout.rows_from(first_row(axis_name, rows)):
-            loss, grads = grad_fn(
-                state.params, inputs, ids, attention, selected, dropout_rng, count, (limit, total)
-            )
+            loss, grads = grad_fn(state.params, inputs, ids, attention, selected, dropout_rng,
+                                  count, (limit, total), batch.get("segment_ids"))  # fmt: skip
         loss, grads = psum(loss, axis_name), psum(grads, axis_name)
         if l1:
             current, frozen = masks.split(state.params, label_tree)
