@@ -17,8 +17,9 @@ gender CDA, the 28 professions, `configs/gender_adapter.py` (its upstream batch 
 32 like the PyTorch sides'). "ours" runs `run.py` on that config with a fresh compilation cache;
 "ours_warm" reruns it into a new workdir with that cache (a rerun, a resume, another seed);
 "ours_ahead" runs it cold with `parallel.compile_ahead=True` (later buckets compile in the
-background) and its own cache; "ours_packed" runs it cold with `upstream.pack=True` and
-`downstream.pack=True` (sequences packed several to a row) and its own cache. Per side:
+background) and its own cache; "ours_buckets" runs it cold with `upstream.pack=False` and
+`downstream.pack=False` (each sequence padded to its length bucket, not packed several to
+a row as the configs do) and its own cache. Per side:
 wall time, time to the first update, compiles and the seconds training waited for them
 (and the seconds of those compiled in the background), examples/s and real (non-pad)
 tokens/s of wall time, padding fraction, peak RSS, bytes written.
@@ -51,10 +52,10 @@ BIOS = SHARED / "bias_in_bios" / "samples"
 WORDS = SHARED / "bias_attribute_words.json"
 # corpus -> (our config, default train and validation documents)
 CORPORA = {"ghc": ("race_adapter", 640, 128), "biasbios": ("gender_adapter", 224, 56)}
-SIDES = ("ours", "ours_warm", "ours_ahead", "ours_packed", "reference", "tuned")
+SIDES = ("ours", "ours_warm", "ours_ahead", "ours_buckets", "reference", "tuned")
 OVERRIDES = {
     "ours_ahead": ["--config.parallel.compile_ahead=True"],
-    "ours_packed": ["--config.upstream.pack=True", "--config.downstream.pack=True"],
+    "ours_buckets": ["--config.upstream.pack=False", "--config.downstream.pack=False"],
 }
 PHASES = ("upstream", "downstream")
 BATCH = 32  # both race phases' batch size in the configs and the reference scripts

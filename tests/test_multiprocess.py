@@ -2,7 +2,8 @@
 processes x 2 CPU devices) against one process with 4 devices. Same trained patch and
 downstream weights, only process 0's files in the workdir, and a kill of both processes
 mid-downstream followed by a rerun ends bit-identical to the uninterrupted run; the
-intrinsic evaluation, split over the processes, gives the one-process numbers."""
+intrinsic evaluation, split over the processes, gives the one-process numbers; packed
+batches split over the processes train as on one."""
 
 import json
 import os
@@ -163,6 +164,23 @@ def test_both_killed_mid_downstream_then_rerun_ends_bit_identical(pair, tmp_path
     resumed, straight = trained(workdir), trained(pair[0])
     assert all(np.array_equal(resumed[k], straight[k]) for k in straight)
     assert layout(workdir) == layout(pair[0])
+
+
+PACKED = [
+    "--config.upstream.pack=True",
+    "--config.downstream.pack=True",
+    "--config.phases=('upstream','downstream')",
+]
+
+
+def test_packed_batches_split_over_two_processes_train_as_one(tmp_path):
+    """Packed rows (both phases): each process takes its share of every packed batch, and
+    two processes train the same patch and downstream weights as one with 4 devices."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    outputs = finish(start(one, 1, 4, PACKED)) + finish(start(two, 2, 2, PACKED))
+    for output in outputs[:2]:
+        assert "packed into rows" in output, output[-2000:]
+    assert largest_difference(trained(one), trained(two)) <= 1e-5
 
 
 def run_py(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import optax
 import pytest
 import torch
 import transformers
+from config_fixtures import load_config
 from patch_fixtures import randomize_patch
 from test_real_text import GHC, assert_same_patches, real_config, train_shapes
 from test_upstream import Interrupted, kill_at_batch
@@ -171,6 +172,14 @@ def test_a_phase_refuses_to_pack_beside_a_prompt_tuning_patch(key):
     with pytest.raises(ConfigError, match=f"{key}=True cannot train beside a prompt tuning"):
         common.check_packable(module, key)
     common.check_packable(build("bert", "classifier", "lora")[0], key)
+
+
+def test_the_configs_pack_except_prompt_tuning_and_the_small_presets():
+    for name, preset, packs in [("race_adapter", None, True), ("gender_lora", "minilm", True),
+                                ("race_prompt", None, False), ("race_adapter", "demo", False),
+                                ("race_adapter", "smoke", False)]:  # fmt: skip
+        config = load_config(name, preset)
+        assert config.upstream.pack is config.downstream.pack is packs, (name, preset)
 
 
 def ghc_rows(count: int) -> list[dict]:
@@ -333,6 +342,23 @@ def test_packed_masked_lm_batches_weigh_rows_and_seed_their_masks(minilm_dir):
         for row in batch["segment_ids"]:
             seen.append(int(row.max()))
     assert sum(seen) == 32 * len(batches.training_epoch(0))
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_each_process_takes_its_share_of_a_packed_batch(minilm_dir, labelled):
+    """Two processes' halves of a packed batch (`Runner.local_rows` of the 32 positions) are
+    the two halves of its rows, mask seeds included: together, the one-process batch."""
+    sequences, labels = ghc_sequences(minilm_dir, 200)
+    batches = packing.PackedBatches(sequences, 32, 128, 0, 3, None,
+                                    labels if labelled else None, 7, rows_multiple=4)  # fmt: skip
+    spec = batches.training_epoch(0)[0]
+    whole = batches.materialize(spec)
+    halves = [batches.materialize(spec, slice(0, 16)), batches.materialize(spec, slice(16, 32))]
+    assert whole.keys() == halves[0].keys() and spec.length % 4 == 0
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value, key)
+    with pytest.raises(ValueError, match="do not split"):
+        batches.materialize(spec, slice(0, 5))
 
 
 def test_packed_masked_lm_loss_and_gradients_equal_the_unpacked_ones(minilm_dir):

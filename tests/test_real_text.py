@@ -30,14 +30,16 @@ WORDS = SHARED_DATA / "bias_attribute_words.json"
 SCHEDULE = dict(num_steps=20, eval_every=20, checkpoint_every=10, log_every=10, batch_size=8)
 
 
-def real_config(name: str, minilm_dir, data_file, **upstream):
+def real_config(name: str, minilm_dir, data_file, pack: bool = False, **upstream):
     """The config's minilm preset (the documented real-data setting: head warm-up, split
     caps) on a local corpus, with short schedules, batches of 8 and caps of a few hundred
-    rows."""
+    rows; training batches padded to length buckets unless `pack` (the presets pack by
+    default: test_packing.py runs that path)."""
     config = load_config(name, "minilm")
     config.model.name = str(minilm_dir)
     config.phases = ("upstream", "downstream")
     up, dn = config.upstream, config.downstream
+    up.pack = dn.pack = pack
     up.update(train_file=str(data_file), validation_file="", word_list=str(WORDS), max_len=128,
               **SCHEDULE)  # fmt: skip
     # one epoch (16-19 batches of 8) fits in the 20 steps: every bucket is trained on

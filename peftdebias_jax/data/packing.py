@@ -115,8 +115,8 @@ class PackedBatches(pipeline.Batches):
     (`length_stratified_batches`: few row counts fit them all), in shuffled runs of up to
     `run_length` batches of one row count. Labels and weights come per slot [rows,
     max_segments] (weight 0 in empty slots); without labels (masked LM) a row's weight
-    says whether it holds an example and its `index` seeds its masks. One process only:
-    the rows are not split among processes."""
+    says whether it holds an example and its `index` seeds its masks. Every process packs
+    every batch alike and takes its share of the rows (`share`)."""
 
     def __init__(
         self,
@@ -165,6 +165,15 @@ class PackedBatches(pipeline.Batches):
         rows = pack([self.sizes[i] for i in batch], self.width, self.max_segments)
         return [[batch[i] for i in row] for row in rows]
 
+    def share(self, row_count: int, rows: slice) -> slice:
+        """The packed rows of a process's `rows` of the batch's positions: the same fraction
+        of the `row_count` (a multiple of the devices, so of the processes)."""
+        start, stop, _ = rows.indices(self.batch_size)
+        if (start * row_count) % self.batch_size or (stop * row_count) % self.batch_size:
+            raise ValueError(f"rows {start}:{stop} of {self.batch_size} do not split "
+                             f"{row_count} packed rows evenly")  # fmt: skip
+        return slice(start * row_count // self.batch_size, stop * row_count // self.batch_size)
+
     def _epoch_batches(self, epoch: int) -> list[tuple[int, ...]]:
         return length_stratified_batches(self.sizes, self.batch_size,
                                          np.random.default_rng([self.seed, epoch, 1]))  # fmt: skip
@@ -192,16 +201,19 @@ class PackedBatches(pipeline.Batches):
 
     def materialize(self, spec: pipeline.BatchSpec, rows: slice = slice(None)) -> pipeline.Batch:
         """The packed arrays of one batch (`packed_arrays`), with its examples' labels and
-        weights per slot; `rows` is ignored (one process holds every row)."""
+        weights per slot; `rows`, a process's share of the batch's `batch_size` positions
+        (`Runner.local_rows`), takes that share of the packed rows."""
         arrays = packed_arrays(self.sequences, self.packed(list(spec.rows)), self.width,
                                self.max_segments, self.pad_id, self.token_types,
                                spec.length)  # fmt: skip
+        share = self.share(spec.length, rows)
+        arrays = {key: value[share] for key, value in arrays.items()}
         example = arrays.pop("example")
         real = example >= 0
         if self.labels is None:  # masked LM: a row's weight and mask seed, as unpacked rows'
             arrays.pop("segment_starts")
-            rows_used = real.any(axis=1).astype(np.float32)
-            return {**arrays, "index": np.arange(len(real), dtype=np.int32), "weight": rows_used}
+            index = np.arange(spec.length, dtype=np.int32)[share]
+            return {**arrays, "index": index, "weight": real.any(axis=1).astype(np.float32)}
         safe = np.where(real, example, 0)
         weight = real.astype(np.float32)
         if self.weights is not None:

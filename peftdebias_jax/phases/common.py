@@ -134,12 +134,8 @@ def compile_tokens(section: ml_collections.ConfigDict, sequences: Sequence, rows
 
 
 def check_packable(module: models.EncoderModel, key: str) -> None:
-    """Packed training batches (`key`, e.g. config.downstream.pack) need one process and no
+    """Packed training batches (`key`, e.g. config.downstream.pack) need a model without a
     prompt tuning patch (its prompt states would be shared by a row's examples)."""
-    if processes.count() > 1:
-        raise ConfigError(
-            f"{key}=True runs on one process, and this run has {processes.count()}: set {key}=False"
-        )
     if any(patch.kind == "prompt" for patch in module.patches):
         raise ConfigError(
             f"{key}=True cannot train beside a prompt tuning patch (its prompt states would "
