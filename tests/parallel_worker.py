@@ -1,6 +1,6 @@
 """Run by test_parallel.py in a subprocess with 4 host devices: the upstream (5 steps) and
-downstream (4 steps) phases under each parallel mode; prints the largest difference of
-the trained parameters to single-device jit."""
+downstream (4 steps) phases under each parallel mode, length buckets or packed rows;
+prints the largest difference of the trained parameters to single-device jit."""
 
 import json
 import sys
@@ -16,8 +16,9 @@ from peftdebias_jax import phases
 from peftdebias_jax.training import parallel
 
 
-def run(mode: str, workdir: Path, name: str) -> dict:
+def run(mode: str, workdir: Path, name: str, pack: bool) -> dict:
     config = load_config(name, "smoke")
+    config.upstream.pack = config.downstream.pack = pack
     config.model.architecture.hidden_dropout_prob = 0.1  # masks drawn by global row
     config.model.architecture.attention_probs_dropout_prob = 0.1
     config.upstream.max_predictions = -1  # the batch's cap counts across devices
@@ -64,14 +65,14 @@ def donation_reuses_buffers(mode: str) -> bool:
 
 
 def main() -> None:
-    workdir, name = Path(sys.argv[1]), sys.argv[2]
+    workdir, name, pack = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "packed"
     assert jax.device_count() == 4, jax.devices()
     assert parallel.resolve_mode("auto") == "jit"
-    reference = run("single", workdir, name)
+    reference = run("single", workdir, name, pack)
     report = {"devices": jax.device_count()}
     report["donates"] = {m: donation_reuses_buffers(m) for m in ("single", "jit", "pmap")}
     for mode in ("jit", "pmap"):
-        other = run(mode, workdir, name)
+        other = run(mode, workdir, name, pack)
         assert other.keys() == reference.keys()
         report[mode] = max(float(np.abs(other[k] - reference[k]).max()) for k in reference)
         report[f"{mode}_moved"] = (

@@ -483,6 +483,21 @@ def test_packed_upstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, c
     assert_same_patches(tmp_path / "packed", tmp_path / "resumed")
 
 
+def test_the_epoch_order_is_the_same_on_any_number_of_devices(minilm_dir):
+    """Row counts round up to the devices, but batches are grouped by the counts fitted
+    without them: one device and four train on the same batches in the same order."""
+    sequences, labels = ghc_sequences(minilm_dir, 600)
+    make = lambda devices: packing.PackedBatches(sequences, 32, 128, 0, 5, None, labels, 60,  # noqa: E731
+                                                 run_length=10, compile_steps=1.0,
+                                                 rows_multiple=devices)  # fmt: skip
+    one, four = make(1), make(4)
+    assert len(one.fitted) > 1 and all(count % 4 == 0 for count in four.row_counts)
+    for epoch in range(3):
+        specs = [four.training_epoch(epoch), one.training_epoch(epoch)]
+        assert [s.rows for s in specs[0]] == [s.rows for s in specs[1]]
+        assert all(a.length == -(-b.length // 4) * 4 for a, b in zip(*specs, strict=True))
+
+
 def test_row_counts_hold_every_batch_of_the_epochs_a_run_touches():
     """A run of fewer updates than an epoch still builds the whole epoch's order: the row
     counts are fitted over all its batches, not only the first `updates` drawn."""

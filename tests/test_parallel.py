@@ -1,5 +1,6 @@
-"""With 4 host devices, sharded jit and pmap train to the same patch as one device, and
-every mode's placed train state is donated (its buffers reused) by the steps."""
+"""With 4 host devices, sharded jit and pmap train to the same patch as one device, with
+length buckets and with packed rows, and every mode's placed train state is donated (its
+buffers reused) by the steps."""
 
 import json
 import os
@@ -12,14 +13,17 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("config", ["race_lora", "gender_prefix"])
-def test_sharded_jit_and_pmap_match_single_device(tmp_path, config):
+@pytest.mark.parametrize(
+    ("config", "batching"),
+    [("race_lora", "buckets"), ("gender_prefix", "buckets"), ("race_lora", "packed")],
+)
+def test_sharded_jit_and_pmap_match_single_device(tmp_path, config, batching):
     flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4"
     env = dict(os.environ, XLA_FLAGS=flags)
     paths = [str(HERE), str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     result = subprocess.run(
-        [sys.executable, str(HERE / "parallel_worker.py"), str(tmp_path), config],
+        [sys.executable, str(HERE / "parallel_worker.py"), str(tmp_path), config, batching],
         env=env,
         capture_output=True,
         text=True,

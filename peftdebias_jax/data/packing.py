@@ -153,12 +153,19 @@ class PackedBatches(pipeline.Batches):
             for epoch in range(-(-max(1, updates) // per_epoch))
             for batch in self._epoch_batches(epoch)
         ]
-        needs = [-(-n // rows_multiple) * rows_multiple for n in needs]
-        self.row_counts = pipeline.fitted_bucket_lengths(
-            needs, row_count_limit, max(needs), multiple=rows_multiple,
+        # the epoch order groups batches by these fitted counts, whatever the devices, so
+        # that it is the same on any number of them; a batch's shape rounds its count up
+        self.fitted = pipeline.fitted_bucket_lengths(
+            needs, row_count_limit, max(needs), multiple=1,
             compile_tokens=compile_steps * float(np.mean(needs)),
         )  # fmt: skip
+        self.rows_multiple = rows_multiple
+        self.row_counts = sorted({self.rows_for(count) for count in self.fitted})
         self.buckets = {count: [] for count in self.row_counts}
+
+    def rows_for(self, count: int) -> int:
+        """The rows of a batch of `count` packed rows: a multiple of the devices."""
+        return -(-count // self.rows_multiple) * self.rows_multiple
 
     def packed(self, batch: Sequence[int]) -> list[list[int]]:
         """The rows of one batch of example indices (`pack`), as indices into sequences."""
@@ -180,17 +187,18 @@ class PackedBatches(pipeline.Batches):
 
     def training_epoch(self, epoch: int) -> list[pipeline.BatchSpec]:
         """The epoch's batches, each a spec whose `length` is its row count, in shuffled
-        runs of up to `run_length` batches of one row count."""
+        runs of up to `run_length` batches of one fitted row count."""
         if self._epoch is not None and self._epoch[0] == epoch:
             return self._epoch[1]
         by_count: dict[int, list[pipeline.BatchSpec]] = {}
         for batch in self._epoch_batches(epoch):
             need = len(self.packed(batch))
-            count = next((c for c in self.row_counts if c >= need), None)
+            count = next((c for c in self.fitted if c >= need), None)
             if count is None:  # an epoch past the run's `updates`
                 raise ValueError(f"a batch of epoch {epoch} needs {need} packed rows: more "
-                                 f"than the {self.row_counts[-1]} fitted for the run")  # fmt: skip
-            by_count.setdefault(count, []).append(pipeline.BatchSpec(count, batch, self.batch_size))
+                                 f"than the {self.fitted[-1]} fitted for the run")  # fmt: skip
+            spec = pipeline.BatchSpec(self.rows_for(count), batch, self.batch_size)
+            by_count.setdefault(count, []).append(spec)
         groups = [by_count[count] for count in sorted(by_count)]
         rng = np.random.default_rng([self.seed, epoch, 2])
         self._epoch = (epoch, pipeline.in_shuffled_runs(groups, self.run_length, rng))
