@@ -156,14 +156,14 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # 2-core CPU: about 4; a GPU: hundreds). A 20-step phase on 640 Gab Hate Corpus posts
     # gets 2-4 buckets, an epoch of the whole file 8; 0: always bucket_count
     config.upstream.bucket_compile_steps = 4.0
-    # rows per evaluation call (divisible by the devices); evaluation reuses the training
-    # buckets' lengths and so their shapes. Upstream as the reference (= batch_size): its
-    # evaluation scores the whole vocabulary at every position, 1 GB of logits at 32 x 256
+    # rows per evaluation call (divisible by the devices): packed rows of max_len when
+    # upstream.pack, else sequences padded to the training buckets' lengths (so their
+    # shapes). Upstream as the reference (= batch_size): 32 x 256 tokens a call
     config.upstream.eval_batch_size = config.upstream.batch_size
-    # training batches packed several sequences to a row of max_len tokens, as
-    # config.downstream.pack (each sequence attends only to itself and is masked as alone);
-    # evaluation stays padded to the length buckets. Off for prompt tuning (its prompt
-    # states would be shared by a row's sequences) and in the demo and smoke presets
+    # batches packed several sequences to a row of max_len tokens, as config.downstream.pack
+    # (each sequence attends only to itself and is masked as alone); evaluation packs the
+    # validation set too (one program). Off for prompt tuning (its prompt states would be
+    # shared by a row's sequences) and in the demo and smoke presets
     config.upstream.pack = method != "prompt_tuning"
     config.upstream.pack_segments = 16  # at most this many sequences in a packed row
     config.upstream.train_mlm_head = True  # as the reference: head trains, then is dropped
@@ -214,11 +214,13 @@ def make(axis: str, method: str, preset: str | None) -> ml_collections.ConfigDic
     # padded to a length bucket; the rows a batch needs are rounded up to one of at most
     # bucket_count fitted row counts (one program each, priced by bucket_compile_steps).
     # Batches are drawn length-stratified, so that their row counts vary little. Not with
-    # prompt tuning; the demo and smoke presets pad to length buckets instead
+    # prompt tuning; the demo and smoke presets pad to length buckets instead. Scored sets
+    # are packed too: eval_batch_size rows a batch, one predict program
     config.downstream.pack = method != "prompt_tuning"
     config.downstream.pack_segments = 16  # at most this many examples in a packed row
     # no gradients and 2-28 logits a row: 4x the training batch, as the reference (a scored
-    # set too small to fill one such batch per bucket length gets fewer rows a batch)
+    # set too small to fill one such batch per bucket length gets fewer rows a batch;
+    # packed, the rows of max_len a batch holds at most, split evenly over the batches)
     config.downstream.eval_batch_size = 128
     # loss weight per class: "auto" (hate tasks: the largest class count of the training
     # split over each class's count, as the reference's GHC 10 / Stormfront 6.7 did for their

@@ -411,6 +411,84 @@ def test_packed_masked_lm_loss_and_gradients_equal_the_unpacked_ones(minilm_dir)
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=atol, err_msg=str(path))
 
 
+def test_packed_scoring_holds_each_example_once_in_one_shape(minilm_dir):
+    """A scored set of 600 real posts packed: every post once, in batches of one shape of at
+    most the row limit (a multiple of the devices) that pad little, with its label per slot,
+    its example count per row, and outputs per slot traced back to their posts."""
+    sequences, labels = ghc_sequences(minilm_dir, 600)
+    scoring = packing.PackedScoring(sequences, 32, 128, 0, None, labels, 16, rows_multiple=4)
+    specs = scoring.evaluation()
+    assert scoring.batch_size <= 32 and scoring.batch_size % 4 == 0
+    assert len(specs) * scoring.batch_size < len(scoring.rows) + 4 * len(specs)
+    seen, tokens = [], 0
+    for spec in specs:
+        arrays = scoring.materialize(spec)
+        assert arrays["input_ids"].shape == (scoring.batch_size, 128)
+        example = scoring.examples(spec)
+        assert arrays["weight"].tolist() == (example >= 0).sum(axis=1).tolist()
+        np.testing.assert_array_equal(arrays["label"][example >= 0], labels[example[example >= 0]])
+        outputs = np.where(example >= 0, example, -7)[..., None] * np.ones(3)
+        got, scored = scoring.per_example(spec, outputs)
+        np.testing.assert_array_equal(scored[:, 0], got)
+        seen += got.tolist()
+        tokens += arrays["input_ids"].size
+        half = scoring.materialize(spec, slice(0, scoring.batch_size // 2))
+        np.testing.assert_array_equal(half["segment_ids"],
+                                      arrays["segment_ids"][: scoring.batch_size // 2])  # fmt: skip
+    assert sorted(seen) == list(range(600))
+    padding = 1 - sum(map(len, sequences)) / tokens
+    assert padding < 0.1, padding
+
+
+def test_packed_predictions_and_eval_loss_equal_each_example_alone(minilm_dir):
+    """On 64 real posts with the real weights: the predict step on packed rows gives each
+    post the logits it gets padded alone, and the masked-LM eval step on packed rows the
+    exact loss, masked-position count and example count of the posts alone with the same
+    tokens masked."""
+    sequences, labels = ghc_sequences(minilm_dir, 64)
+    scoring = packing.PackedScoring(sequences, 12, 128, 0, None, labels, 16)
+    specs = scoring.evaluation()  # 21 rows: 11 and 10 with a filler row
+    assert [spec.real for spec in specs] == [scoring.batch_size, scoring.batch_size - 1]
+    module, params = models.from_pretrained(minilm_dir, head="classifier", num_labels=2)
+    predict = jax.jit(steps.make_predict_step(module))
+    state = TrainState.create(params, optax.sgd(0.0), 0)
+    ids, attention = alone(sequences, 0)
+    want = predict(state, {"input_ids": ids, "attention_mask": attention,
+                           "token_type_ids": np.zeros_like(ids)})  # fmt: skip
+    got = np.zeros_like(want)
+    for spec in scoring.evaluation():
+        examples, scored = scoring.per_example(spec, predict(state, scoring.materialize(spec)))
+        got[examples] = scored
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+    tokenizer = models.load_tokenizer(minilm_dir)
+    module, params = models.from_pretrained(minilm_dir, head="mlm")
+    masking = steps.MaskingConfig(
+        mlm.special_ids_of(tokenizer), tokenizer.mask_token_id, len(tokenizer)
+    )
+    evaluate = jax.jit(steps.make_mlm_eval_step(module, masking))
+    state = TrainState.create(params, optax.sgd(0.0), 0)
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, steps.EVAL_STREAM), 0)
+    for spec in scoring.evaluation():
+        batch = scoring.materialize(spec)
+        got = evaluate(state, batch)
+        inputs, selected = masking.mask(rng, batch, batch["row"])
+        example = scoring.examples(spec)
+        members = example[example >= 0]
+        alone_inputs, alone_attention = alone([sequences[i] for i in members], 0)
+        alone_selected = np.zeros(alone_inputs.shape, bool)
+        for k, (r, s) in enumerate(zip(*np.nonzero(example >= 0), strict=True)):
+            start, n = batch["segment_starts"][r, s], len(sequences[members[k]])
+            alone_inputs[k, :n] = inputs[r, start : start + n]
+            alone_selected[k, :n] = selected[r, start : start + n]
+        alone_ids, _ = alone([sequences[i] for i in members], 0)
+        want = steps.mlm_loss_sum(module, params, alone_inputs, alone_ids, alone_attention,
+                                  alone_selected, None)  # fmt: skip
+        assert float(got["count"]) == alone_selected.sum() > 20
+        assert float(got["examples"]) == len(members)
+        np.testing.assert_allclose(got["loss_sum"], want, rtol=1e-5)
+
+
 def padding_of(workdir, phase: str) -> float:
     """The phase's padding fraction over its logged steps (metrics.jsonl)."""
     real = padded = 0.0
@@ -422,11 +500,18 @@ def padding_of(workdir, phase: str) -> float:
     return 1 - real / padded
 
 
+def compiled_shapes(caplog, program: str) -> list[str]:
+    """The batch shapes `program` (e.g. "predict step") was compiled for, in order."""
+    return [r.getMessage().split("batch shape ")[1].split(" (")[0] for r in caplog.records
+            if f"compiling {program} for batch shape" in r.getMessage()]  # fmt: skip
+
+
 def test_packed_downstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, caplog):
     """The downstream phase as the race config runs it (steps_per_call 10, runs of 10,
     max_len 128), plain fine-tuning of the real all-MiniLM-L6-v2 on real posts, batches of
-    32 packed: it finishes with finite numbers, pads less than the length buckets, and a
-    run killed inside a multi-step call resumes to the same predictions."""
+    32 packed: it finishes with finite numbers, predicts with one program, pads less than
+    the length buckets, and a run killed inside a multi-step call resumes to the same
+    predictions."""
     caplog.set_level("INFO", logger="peftdebias_jax")
 
     def config(pack: bool):
@@ -441,6 +526,8 @@ def test_packed_downstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch,
     shapes = train_shapes(caplog, "downstream")
     assert shapes and all(shape.endswith(", 128)") for shape in shapes), shapes
     assert any("packed into rows of 128 tokens" in r.getMessage() for r in caplog.records)
+    predict_shapes = compiled_shapes(caplog, "predict step")
+    assert len(predict_shapes) == 1 and predict_shapes[0].endswith(", 128)"), predict_shapes
     results = json.loads((tmp_path / "packed" / "downstream_results.json").read_text())
     assert 0 <= results["validation"]["accuracy"] <= 100
     phases.run(config(False), tmp_path / "buckets")
@@ -463,7 +550,8 @@ def test_packed_upstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, c
     """The upstream phase as the race config runs it (CDA, seq_bn, steps_per_call 10, runs
     of 10) with its head warm-up, real all-MiniLM-L6-v2 on real posts, batches of 32
     sequences packed into rows of 128: it finishes, pads under 15% of its training tokens,
-    and a run killed inside a multi-step call resumes to the same patch bits."""
+    evaluates with one program, and a run killed inside a multi-step call resumes to the
+    same patch bits."""
     caplog.set_level("INFO", logger="peftdebias_jax")
     config = real_config("race_adapter", minilm_dir, GHC, batch_size=32, pack=True)
     config.phases = ("upstream",)
@@ -475,6 +563,8 @@ def test_packed_upstream_on_gab_hate_corpus(tmp_path, minilm_dir, monkeypatch, c
                    for r in caplog.records), name  # fmt: skip
         padding = padding_of(tmp_path / "packed", name)
         assert padding < 0.15, (name, padding)
+        eval_shapes = compiled_shapes(caplog, f"{name} eval step")
+        assert len(eval_shapes) == 1 and eval_shapes[0].endswith(", 128)"), (name, eval_shapes)
 
     # killed while its step 14 is prepared (a call of steps 11-20, after the warm-up's 10)
     with kill_at_batch(monkeypatch, 24), pytest.raises(Interrupted):

@@ -205,7 +205,7 @@ class PackedBatches(pipeline.Batches):
         return self._epoch[1]
 
     def evaluation(self) -> list[pipeline.BatchSpec]:
-        raise NotImplementedError("packed batches are for training; score with pipeline.Batches")
+        raise NotImplementedError("packed batches are for training; score with PackedScoring")
 
     def materialize(self, spec: pipeline.BatchSpec, rows: slice = slice(None)) -> pipeline.Batch:
         """The packed arrays of one batch (`packed_arrays`), with its examples' labels and
@@ -228,3 +228,77 @@ class PackedBatches(pipeline.Batches):
             weight = weight * self.weights[safe]
         return {**arrays, "label": np.where(real, self.labels[safe], 0).astype(np.int32),
                 "weight": weight}  # fmt: skip
+
+
+class PackedScoring:
+    """A scored set (evaluation, prediction) packed: every sequence once, the whole set
+    packed into rows of `width` tokens (`pack`), the rows cut into batches of one row count
+    (one compiled program) of at most `row_limit` rows, a multiple of `rows_multiple` (the
+    devices). A batch of `row_limit` packed rows takes the memory of `row_limit` sequences
+    padded to `width`. Its arrays are `packed_arrays`' with the examples' labels per slot,
+    each row's index in the set (`row`, a masked-LM eval's mask seed) and its example count
+    (`weight`: 0 for filler rows)."""
+
+    def __init__(
+        self,
+        sequences: Sequence[np.ndarray],
+        row_limit: int,
+        width: int,
+        pad_id: int,
+        token_types: Sequence[np.ndarray] | None = None,
+        labels: Sequence[int] | None = None,
+        max_segments: int = 16,
+        rows_multiple: int = 1,
+    ) -> None:
+        if not sequences:
+            raise ValueError("no sequences to score")
+        if row_limit < rows_multiple:
+            raise ValueError(f"{row_limit} rows a batch do not split over {rows_multiple} devices")
+        self.sequences = list(sequences)
+        self.token_types = list(token_types) if token_types is not None else None
+        self.labels = np.asarray(labels, np.int32) if labels is not None else None
+        self.width, self.pad_id, self.max_segments = width, pad_id, max_segments
+        self.rows = pack([len(seq) for seq in self.sequences], width, max_segments)
+        batches = -(-len(self.rows) // row_limit)
+        per_batch = -(-len(self.rows) // batches)
+        self.batch_size = -(-per_batch // rows_multiple) * rows_multiple
+        self.lengths = (width,)  # the one row width: other scored sets share its program
+
+    def evaluation(self) -> list[pipeline.BatchSpec]:
+        """The batches, each `batch_size` row indices (past the set's rows: filler)."""
+        starts = range(0, len(self.rows), self.batch_size)
+        return [
+            pipeline.BatchSpec(
+                self.width,
+                tuple(range(start, start + self.batch_size)),
+                min(self.batch_size, len(self.rows) - start),
+            )
+            for start in starts
+        ]
+
+    def examples(self, spec: pipeline.BatchSpec) -> np.ndarray:
+        """[batch_size, max_segments] the index of the example in each slot; -1 if empty."""
+        example = np.full((self.batch_size, self.max_segments), -1, np.int32)
+        for r, row in enumerate(spec.rows[: spec.real]):
+            example[r, : len(self.rows[row])] = self.rows[row]
+        return example
+
+    def per_example(self, spec: pipeline.BatchSpec, outputs: np.ndarray):
+        """(example indices, their rows of `outputs` [batch_size, max_segments, ...], the
+        whole batch's per-slot outputs) of one batch."""
+        example = self.examples(spec)
+        return example[example >= 0], outputs[example >= 0]
+
+    def materialize(self, spec: pipeline.BatchSpec, rows: slice = slice(None)) -> pipeline.Batch:
+        """The arrays of one batch (of this process's `rows` of it, `Runner.local_rows`)."""
+        members = [self.rows[row] for row in spec.rows[: spec.real]]
+        arrays = packed_arrays(self.sequences, members, self.width, self.max_segments,
+                               self.pad_id, self.token_types, self.batch_size)  # fmt: skip
+        arrays = {key: value[rows] for key, value in arrays.items()}
+        example = arrays.pop("example")
+        real = example >= 0
+        out = {**arrays, "row": np.asarray(spec.rows, np.int32)[rows],
+               "weight": real.sum(axis=1).astype(np.float32)}  # fmt: skip
+        if self.labels is not None:
+            out["label"] = np.where(real, self.labels[np.where(real, example, 0)], 0)
+        return out

@@ -262,6 +262,11 @@ class Batches:
                                    real))  # fmt: skip
         return specs
 
+    def per_example(self, spec: BatchSpec, outputs: np.ndarray):
+        """(example indices, their rows of `outputs`, the whole batch's per-row outputs) of
+        one scored batch: its first `real` rows."""
+        return np.asarray(spec.rows)[: spec.real], outputs[: spec.real]
+
     def materialize(self, spec: BatchSpec, rows: slice = slice(None)) -> Batch:
         """The arrays of one batch (optionally only this process's `rows` of it)."""
         positions = np.arange(self.batch_size)[rows]

@@ -182,24 +182,29 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
     runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
 
-    def prepare(examples, allowed: list[int], passes: int) -> pipeline.Batches:
-        """A scored set, scored `passes` times: evaluation-sized batches (fewer rows for a
-        set too small to fill one per length) in those of the `allowed` lengths worth their
-        predict program's compile (common.scoring_lengths)."""
+    def prepare(examples, allowed: list[int], passes: int):
+        """A scored set, scored `passes` times. Packed (downstream.pack): packed rows of
+        max_len, at most eval_batch_size a batch, one predict program. Otherwise
+        evaluation-sized batches (fewer rows for a set too small to fill one per length) in
+        those of the `allowed` lengths worth their predict program's compile
+        (common.scoring_lengths)."""
         ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
+        if dn.pack:
+            return packing.PackedScoring(ids, dn.eval_batch_size, dn.max_len, pad, types, ys,
+                                         dn.pack_segments, runner.rows_multiple)  # fmt: skip
         rows = pipeline.evaluation_rows(len(ids), dn.eval_batch_size, len(allowed),
                                         runner.rows_multiple)  # fmt: skip
         lengths = common.scoring_lengths(dn, ids, allowed, rows, passes)
         return pipeline.Batches(ids, rows, dn.max_len, pad, 0, types, ys, lengths=lengths)
 
-    def predict(device_state, prepared: pipeline.Batches) -> np.ndarray:
+    def predict(device_state, prepared) -> np.ndarray:
         predicted = np.zeros(len(prepared.sequences), np.int32)
         eval_rows = runner.local_rows(prepared.batch_size)
         for spec in prepared.evaluation():
             batch = prepared.materialize(spec, eval_rows)
             logits = runner.gather_rows(predict_step(device_state, runner.put_batch(batch)))
-            rows = np.asarray(spec.rows)[: spec.real]
-            predicted[rows] = np.argmax(logits[: spec.real], axis=-1)
+            examples, scored = prepared.per_example(spec, logits)
+            predicted[examples] = np.argmax(scored, axis=-1)
         return predicted
 
     # tokenized once, scored at every evaluation; the other sets reuse its predict programs

@@ -145,11 +145,16 @@ def train_mlm(
                                    **bucket_costs(up, train_seqs, up.num_steps))  # fmt: skip
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
     settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
-    eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size,
-                                   settings.evaluations)  # fmt: skip
-    eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
-                                    seed=config.seed, lengths=eval_lengths)  # fmt: skip
-    eval_rows = runner.local_rows(up.eval_batch_size)
+    if up.pack:  # the validation sequences packed too: one eval program, little padding
+        eval_batches = packing.PackedScoring(eval_seqs, up.eval_batch_size, up.max_len, pad,
+                                             max_segments=up.pack_segments,
+                                             rows_multiple=runner.rows_multiple)  # fmt: skip
+    else:
+        eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size,
+                                       settings.evaluations)  # fmt: skip
+        eval_batches = pipeline.Batches(eval_seqs, up.eval_batch_size, up.max_len, pad,
+                                        seed=config.seed, lengths=eval_lengths)  # fmt: skip
+    eval_rows = runner.local_rows(eval_batches.batch_size)
 
     def evaluate(device_state) -> dict[str, float]:
         results = []

@@ -221,18 +221,21 @@ def make_mlm_train_step(
     return step
 
 
-def exact_capped_loss_sum(module, params, inputs, labels, attention_mask, selected, rate: float):
+def exact_capped_loss_sum(module, params, inputs, labels, attention_mask, selected, rate: float,
+                          segment_ids: jax.Array | None = None):  # fmt: skip
     """mlm_loss_sum over every selected position, with the decoder on at most mean + 3 sd
     of Binomial(length, rate) positions per row and of Binomial(rows * length, rate) per
     batch, or on every position in the rare batch that selects more: exact either way, and
-    about a fifth of the vocabulary-sized logits (1 GB at 32 x 256 for BERT's vocabulary)."""
+    about a fifth of the vocabulary-sized logits (1 GB at 32 x 256 for BERT's vocabulary).
+    `segment_ids`: packed rows."""
     rows, length = labels.shape
     per_row = max_predictions_for(length, rate, -1)
     per_batch = batch_predictions_for(rows, length, rate, -1)
 
     def loss(max_predictions, batch_predictions):
         return lambda: mlm_loss_sum(module, params, inputs, labels, attention_mask, selected,
-                                    None, max_predictions, batch_predictions)  # fmt: skip
+                                    None, max_predictions, batch_predictions,
+                                    segment_ids)  # fmt: skip
 
     if per_row >= length:
         return loss(None, None)()
@@ -244,15 +247,16 @@ def exact_capped_loss_sum(module, params, inputs, labels, attention_mask, select
 
 
 def make_mlm_eval_step(module, masking: MaskingConfig, axis_name: str | None = None):
-    """Summed loss and count of masked positions for one batch, with fixed eval masks."""
+    """Summed loss and count of masked positions for one batch, with fixed eval masks
+    (seeded by each row's `row`); packed rows (`data.packing.PackedScoring`) weigh a row
+    by the examples it holds, so `examples` counts examples either way."""
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, EVAL_STREAM), 0)
         ids, attention = batch["input_ids"], batch["attention_mask"]
         inputs, selected = masking.mask(rng, batch, batch["row"])
-        total = exact_capped_loss_sum(
-            module, state.params, inputs, ids, attention, selected, masking.rate
-        )
+        total = exact_capped_loss_sum(module, state.params, inputs, ids, attention, selected,
+                                      masking.rate, batch.get("segment_ids"))  # fmt: skip
         return {
             "loss_sum": psum(total, axis_name),
             "count": psum(jnp.sum(selected).astype(jnp.float32), axis_name),
@@ -332,7 +336,8 @@ def packed_inputs(batch) -> dict:
 
 
 def make_predict_step(module):
-    """Label logits of a batch (no dropout); used for validation and test predictions."""
+    """Label logits of a batch (no dropout); used for validation and test predictions.
+    Packed rows (`data.packing.PackedScoring`): logits per slot [rows, slots, labels]."""
 
     def step(state: TrainState, batch):
         return module.apply(
@@ -340,6 +345,7 @@ def make_predict_step(module):
             batch["input_ids"],
             batch["attention_mask"],
             batch["token_type_ids"],
+            **packed_inputs(batch),
         ).astype(jnp.float32)
 
     return step
