@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from peftdebias_jax import files, models, peft, processes
-from peftdebias_jax.data import pipeline
+from peftdebias_jax.data import packing, pipeline
 from peftdebias_jax.data.tokenizer import train_wordpiece
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation import bootstrap
@@ -141,6 +141,46 @@ def check_packable(module: models.EncoderModel, key: str) -> None:
             f"{key}=True cannot train beside a prompt tuning patch (its prompt states would "
             f"be shared by every example of a packed row): set {key}=False"
         )
+
+
+def packed_batches(
+    section: ml_collections.ConfigDict,
+    name: str,
+    sequences: Sequence,
+    pad_id: int,
+    seed: int,
+    updates: int,
+    rows_multiple: int,
+    token_types: Sequence | None = None,
+    labels: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
+) -> packing.PackedBatches:
+    """A phase `section`'s packed training batches (its batch_size, max_len, runs,
+    pack_segments, row count limit and compile price) for `updates` updates, logged."""
+    batches = packing.PackedBatches(
+        sequences, section.batch_size, section.max_len, pad_id, seed, token_types, labels,
+        updates, section.bucket_run_length, section.pack_segments, section.bucket_count,
+        rows_multiple, section.bucket_compile_steps, weights=weights,
+    )  # fmt: skip
+    kind = "sequences" if labels is None else "examples"
+    log.info("%s: %d %s a batch packed into rows of %d tokens; row counts %s", name,
+             section.batch_size, kind, section.max_len, batches.row_counts)  # fmt: skip
+    return batches
+
+
+def packed_scoring(
+    section: ml_collections.ConfigDict,
+    sequences: Sequence,
+    pad_id: int,
+    rows_multiple: int,
+    token_types: Sequence | None = None,
+    labels: Sequence[int] | None = None,
+) -> packing.PackedScoring:
+    """A scored set packed as a phase `section` packs (max_len, pack_segments), at most
+    its eval_batch_size rows a batch."""
+    return packing.PackedScoring(sequences, section.eval_batch_size, section.max_len, pad_id,
+                                 token_types, labels, section.pack_segments,
+                                 rows_multiple)  # fmt: skip
 
 
 def bucket_costs(section: ml_collections.ConfigDict, sequences: Sequence, updates: int) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from peftdebias_jax import checkpoint, files, masks, peft, processes, trainable_sets
-from peftdebias_jax.data import packing, pipeline, splits, tasks
+from peftdebias_jax.data import pipeline, splits, tasks
 from peftdebias_jax.errors import ConfigError
 from peftdebias_jax.evaluation.scoring import score_split
 from peftdebias_jax.importance import fisher
@@ -172,13 +172,9 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     )  # fmt: skip
     runner = trainer.runner
     if dn.pack:
-        batches = packing.PackedBatches(
-            train_ids, dn.batch_size, dn.max_len, pad, config.seed, train_types, train_y,
-            num_steps, dn.bucket_run_length, dn.pack_segments, dn.bucket_count,
-            runner.rows_multiple, dn.bucket_compile_steps, weights=weights,
-        )  # fmt: skip
-        log.info("downstream: %d examples a batch packed into rows of %d tokens; row counts %s",
-                 dn.batch_size, dn.max_len, batches.row_counts)  # fmt: skip
+        batches = common.packed_batches(dn, "downstream", train_ids, pad, config.seed, num_steps,
+                                        runner.rows_multiple, train_types, train_y,
+                                        weights)  # fmt: skip
     predict_step = runner.compile(steps.make_predict_step(module), "predict step", donate=False)
     runner.check_rows(dn.eval_batch_size, "config.downstream.eval_batch_size")
 
@@ -190,8 +186,7 @@ def downstream(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
         (common.scoring_lengths)."""
         ids, types, ys = splits.encode_examples(tokenizer, examples, labels, dn.max_len)
         if dn.pack:
-            return packing.PackedScoring(ids, dn.eval_batch_size, dn.max_len, pad, types, ys,
-                                         dn.pack_segments, runner.rows_multiple)  # fmt: skip
+            return common.packed_scoring(dn, ids, pad, runner.rows_multiple, types, ys)
         rows = pipeline.evaluation_rows(len(ids), dn.eval_batch_size, len(allowed),
                                         runner.rows_multiple)  # fmt: skip
         lengths = common.scoring_lengths(dn, ids, allowed, rows, passes)

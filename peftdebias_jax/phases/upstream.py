@@ -16,7 +16,6 @@ from flax import traverse_util
 from peftdebias_jax import checkpoint, files, masks, models, trainable_sets
 from peftdebias_jax.data import (
     cda,
-    packing,
     pipeline,
     records,
     sampling,
@@ -31,6 +30,8 @@ from peftdebias_jax.phases.common import (
     build_model,
     check_packable,
     count_params,
+    packed_batches,
+    packed_scoring,
     patch_spec,
     scoring_lengths,
     sub_run,
@@ -132,13 +133,8 @@ def train_mlm(
     train_seqs, eval_seqs = sequences
     if up.pack:
         check_packable(module, "config.upstream.pack")
-        batches = packing.PackedBatches(
-            train_seqs, up.batch_size, up.max_len, pad, config.seed, None, None, up.num_steps,
-            up.bucket_run_length, up.pack_segments, up.bucket_count, runner.rows_multiple,
-            up.bucket_compile_steps,
-        )  # fmt: skip
-        log.info("%s: %d sequences a batch packed into rows of %d tokens; row counts %s",
-                 name, up.batch_size, up.max_len, batches.row_counts)  # fmt: skip
+        batches = packed_batches(up, name, train_seqs, pad, config.seed, up.num_steps,
+                                 runner.rows_multiple)  # fmt: skip
     else:
         batches = pipeline.Batches(train_seqs, up.batch_size, up.max_len, pad, seed=config.seed,
                                    run_length=up.bucket_run_length, bucket_count=up.bucket_count,
@@ -146,9 +142,7 @@ def train_mlm(
     runner.check_rows(up.eval_batch_size, "config.upstream.eval_batch_size")
     settings = FitSettings.of(up, up.num_steps, name, "config.upstream")
     if up.pack:  # the validation sequences packed too: one eval program, little padding
-        eval_batches = packing.PackedScoring(eval_seqs, up.eval_batch_size, up.max_len, pad,
-                                             max_segments=up.pack_segments,
-                                             rows_multiple=runner.rows_multiple)  # fmt: skip
+        eval_batches = packed_scoring(up, eval_seqs, pad, runner.rows_multiple)
     else:
         eval_lengths = scoring_lengths(up, eval_seqs, batches.lengths, up.eval_batch_size,
                                        settings.evaluations)  # fmt: skip
