@@ -90,6 +90,13 @@ def packed_arrays(
     }
 
 
+def per_slot(values: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """`values` of each slot's example (`example`: indices, -1 in empty slots), 0 in empty
+    slots, in `values`' dtype."""
+    real = example >= 0
+    return np.where(real, values[np.where(real, example, 0)], 0).astype(values.dtype)
+
+
 def length_stratified_batches(
     sizes: Sequence[int], batch_size: int, rng: np.random.Generator
 ) -> list[tuple[int, ...]]:
@@ -222,12 +229,10 @@ class PackedBatches(pipeline.Batches):
             arrays.pop("segment_starts")
             index = np.arange(spec.length, dtype=np.int32)[share]
             return {**arrays, "index": index, "weight": real.any(axis=1).astype(np.float32)}
-        safe = np.where(real, example, 0)
         weight = real.astype(np.float32)
         if self.weights is not None:
-            weight = weight * self.weights[safe]
-        return {**arrays, "label": np.where(real, self.labels[safe], 0).astype(np.int32),
-                "weight": weight}  # fmt: skip
+            weight = weight * per_slot(self.weights, example)
+        return {**arrays, "label": per_slot(self.labels, example), "weight": weight}
 
 
 class PackedScoring:
@@ -300,5 +305,5 @@ class PackedScoring:
         out = {**arrays, "row": np.asarray(spec.rows, np.int32)[rows],
                "weight": real.sum(axis=1).astype(np.float32)}  # fmt: skip
         if self.labels is not None:
-            out["label"] = np.where(real, self.labels[np.where(real, example, 0)], 0)
+            out["label"] = per_slot(self.labels, example)
         return out
