@@ -23,6 +23,12 @@ a row as the configs do) and its own cache. Per side:
 wall time, time to the first update, compiles and the seconds training waited for them
 (and the seconds of those compiled in the background), examples/s and real (non-pad)
 tokens/s of wall time, padding fraction, peak RSS, bytes written.
+
+`--rounds N` (default 2) runs every phase's sides N times, in the given order in even
+rounds and reversed in odd ones, each round cold (its own workdirs and compilation caches):
+a machine whose speed drifts during the run then favours no side. A side's figures are
+those of its median round by wall time, with every round's wall time and examples/s; the
+ratio to ours is the median of the per-round ratios, with their range.
 """
 
 from __future__ import annotations
@@ -224,19 +230,55 @@ def figures(result: dict) -> dict:
     }
 
 
+def round_order(sides: list[str], index: int) -> list[str]:
+    """The sides in the order round `index` runs them: as given in even rounds, reversed in
+    odd ones (drift in the machine's speed then favours no side); "ours_warm" always right
+    after "ours", whose compilation cache it reruns on."""
+    order = list(sides) if index % 2 == 0 else list(reversed(sides))
+    if "ours_warm" in order and "ours" in order:
+        order.remove("ours_warm")
+        order.insert(order.index("ours") + 1, "ours_warm")
+    return order
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One side's figures over its rounds: those of the median round by wall time (the
+    lower middle one of an even count), plus every round's wall time and examples/s."""
+    median = sorted(rounds, key=lambda f: f["wall_s"])[(len(rounds) - 1) // 2]
+    return {**median, "rounds": [{k: f[k] for k in ("wall_s", "examples_per_s")}
+                                 for f in rounds]}  # fmt: skip
+
+
+def ratios(ours: dict, other: dict) -> list[float]:
+    """Ours' examples/s over the other side's, round by round (rounds pair in time)."""
+    return [a["examples_per_s"] / b["examples_per_s"]
+            for a, b in zip(ours["rounds"], other["rounds"], strict=True)]  # fmt: skip
+
+
+def ratio_text(values: list[float]) -> str:
+    """Ratios as text: the one round's ("1.37x"), or the median and range of several
+    ("1.37x (1.30-1.45x)")."""
+    if not values:
+        return "-"
+    middle = float(np.median(values))
+    if len(values) == 1:
+        return f"{middle:.2f}x"
+    return f"{middle:.2f}x ({min(values):.2f}-{max(values):.2f}x)"
+
+
 def table(results: dict) -> str:
     head = ("| phase | side | wall s | first update s | compiles (s) | ex/s | real tokens/s | "
             "padding | peak RSS MB | written MB | ours / side |")  # fmt: skip
     rows = [head, "|" + "---|" * 11]
     for phase, sides in results.items():
         for side, f in sides.items():
-            ratio = (sides["ours"]["examples_per_s"] / f["examples_per_s"]
-                     if "ours" in sides else float("nan"))  # fmt: skip
+            ratio = ratio_text(ratios(sides["ours"], f) if "ours" in sides else [])
+            walls = "/".join(str(r["wall_s"]) for r in f["rounds"])
             rows.append(
-                f"| {phase} | {side} | {f['wall_s']} | {f['first_step_s']} | "
+                f"| {phase} | {side} | {walls} | {f['first_step_s']} | "
                 f"{f['compiles']} ({f['compile_s']}) | {f['examples_per_s']} | "
                 f"{f['real_tokens_per_s']} | {f['padding']:.1%} | {f['peak_rss_mb']} | "
-                f"{f['bytes_written_mb']} | {ratio:.2f}x |"
+                f"{f['bytes_written_mb']} | {ratio} |"
             )
     return "\n".join(rows)
 
@@ -251,8 +293,12 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--skip", nargs="*", default=[], metavar="PHASE:SIDE",
                         help="runs left out, e.g. upstream:reference (the longest)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of each side, alternating the order of the sides")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     _, train_docs, validation_docs = CORPORA[args.corpus]
     args.train_docs = args.train_docs or train_docs
     args.validation_docs = args.validation_docs or validation_docs
@@ -264,25 +310,28 @@ def main() -> None:
         base = scratch / "bert-base-random"
         write_base(base)
         data = write_sample(scratch, args.corpus, args.train_docs, args.validation_docs, seed=0)
-        cache = scratch / "xla-cache"
         results: dict[str, dict] = {}
         for phase in args.phases:
-            results[phase] = {}
-            for side in args.sides:
-                if f"{phase}:{side}" in args.skip:
-                    continue
-                print(f"{phase}: {side} ...", flush=True)
-                if side.startswith("ours"):
-                    workdir = scratch / side
-                    patch = workdir / "patch" if phase == "downstream" else None
-                    own_cache = cache.with_name(f"xla-cache-{side}") if side in OVERRIDES else cache
-                    result = ours(phase, workdir, own_cache, base, data, args.updates, patch,
-                                  args.corpus, OVERRIDES.get(side, []))  # fmt: skip
-                else:
-                    result = torch_side(side, phase, scratch / f"{side}-{phase}", base, data,
-                                        args.updates, args.corpus)  # fmt: skip
-                results[phase][side] = figures(result)
-                print(json.dumps(results[phase][side], indent=1), flush=True)
+            runs: dict[str, list[dict]] = {}
+            for index in range(args.rounds):
+                for side in round_order(args.sides, index):
+                    if f"{phase}:{side}" in args.skip:
+                        continue
+                    print(f"{phase}, round {index + 1}/{args.rounds}: {side} ...", flush=True)
+                    if side.startswith("ours"):
+                        workdir = scratch / f"{side}-r{index}"
+                        patch = workdir / "patch" if phase == "downstream" else None
+                        own = side if side in OVERRIDES else "ours"  # ours_warm: ours' cache
+                        cache = scratch / f"xla-cache-{own}-r{index}"
+                        result = ours(phase, workdir, cache, base, data, args.updates, patch,
+                                      args.corpus, OVERRIDES.get(side, []))  # fmt: skip
+                    else:
+                        result = torch_side(side, phase, scratch / f"{side}-{phase}-r{index}",
+                                            base, data, args.updates, args.corpus)  # fmt: skip
+                    runs.setdefault(side, []).append(figures(result))
+                    print(json.dumps(runs[side][-1], indent=1), flush=True)
+            results[phase] = {side: combine_rounds(runs[side]) for side in args.sides
+                              if side in runs}  # fmt: skip
         kind = cpu_kind.describe()
         record = {
             "date": datetime.date.today().isoformat(),
@@ -292,6 +341,7 @@ def main() -> None:
                         "matmul_peak_gflops": peak_before,
                         "matmul_peak_gflops_after": cpu_kind.matmul_peak("float32", 2048)},
             "settings": {"updates": args.updates, "batch_size": BATCH, "skipped": args.skip,
+                         "rounds": args.rounds,
                          "train_docs": args.train_docs, "validation_docs": args.validation_docs,
                          "corpus": str((GHC if args.corpus == "ghc" else BIOS).relative_to(
                              ROOT.parent)),

@@ -224,28 +224,49 @@ def test_batch_cap_on_decoder_rows():
     np.testing.assert_array_equal(np.concatenate(split), np.asarray(capped))
 
 
-def test_evaluation_loss_is_exact_with_the_decoder_capped_or_not():
-    """The eval loss runs the decoder on the capped positions when the selection fits the
-    caps and on every position when it does not: the full path's sum both times."""
+def test_evaluation_scores_a_batch_over_the_decoder_caps_again_exactly():
+    """The eval step runs the decoder on capped positions (one forward pass, no branch in
+    its program) and flags a batch that selects more than a row's or the batch's cap;
+    mlm_eval_metrics scores that one again with the exact step: the full path's sum always."""
+    import optax
+
     from peftdebias_jax.training import steps
+    from peftdebias_jax.training.state import TrainState
 
     module, params, ids, attention, _ = tiny_mlm_batch()
     ids, attention = jnp.tile(ids, (4, 4)), jnp.ones((12, 48), jnp.int32)
     rate = 0.15
-    assert steps.max_predictions_for(48, rate, -1) < 48  # the capped branch exists
-
-    def full(selected):
-        return float(steps.mlm_loss_sum(module, params, ids, ids, attention, selected, None))
-
-    capped = jax.jit(steps.exact_capped_loss_sum, static_argnums=(0, 6))
-    fits = jax.random.uniform(jax.random.key(3), ids.shape) < rate
-    too_many = fits.at[0, :40].set(True)  # one row far over its cap: the full branch
-    for selected in (fits, too_many):
-        got = float(capped(module, params, ids, ids, attention, selected, rate))
-        np.testing.assert_allclose(got, full(selected), rtol=1e-5)
     row_cap = steps.max_predictions_for(48, rate, -1)
-    assert int(fits.sum(1).max()) <= row_cap < int(too_many.sum(1).max())
-    assert int(fits.sum()) <= steps.batch_predictions_for(12, 48, rate, -1)
+    batch_cap = steps.batch_predictions_for(12, 48, rate, -1)
+    assert row_cap < 48 and batch_cap < 12 * row_cap  # both caps exist
+
+    class FixedSelection:
+        """Masks nothing and selects `selected`: the selection under test, not a draw."""
+
+        def __init__(self, selected):
+            self.rate, self.selected = rate, selected
+
+        def mask(self, rng, batch, row_seeds):
+            return batch["input_ids"], self.selected
+
+    state = TrainState.create(params, optax.sgd(0.0), 0)
+    batch = {"input_ids": ids, "attention_mask": attention, "row": jnp.arange(12),
+             "weight": jnp.ones(12)}  # fmt: skip
+    fits = jax.random.uniform(jax.random.key(3), ids.shape) < rate
+    over_a_row = fits.at[0, :40].set(True)
+    over_the_batch = jnp.broadcast_to(jnp.arange(48) < row_cap - 1, ids.shape)
+    assert int(fits.sum(1).max()) <= row_cap and int(fits.sum()) <= batch_cap
+    assert int(over_the_batch.sum(1).max()) <= row_cap and int(over_the_batch.sum()) > batch_cap
+    for selected, overflow in ((fits, 0.0), (over_a_row, 1.0), (over_the_batch, 1.0)):
+        masking = FixedSelection(selected)
+        capped = jax.jit(steps.make_mlm_eval_step(module, masking))
+        exact = jax.jit(steps.make_mlm_eval_step(module, masking, exact=True))
+        assert "stablehlo.case" not in capped.lower(state, batch).as_text()
+        assert float(capped(state, batch)["overflow"]) == overflow
+        got = steps.mlm_eval_metrics(capped, exact, state, batch)
+        full = steps.mlm_loss_sum(module, params, ids, ids, attention, selected, None)
+        np.testing.assert_allclose(float(got["loss_sum"]), float(full), rtol=1e-5)
+        assert float(got["count"]) == int(selected.sum()) and float(got["overflow"]) == 0.0
 
 
 def test_batches_carry_each_rows_weight_and_filler_weighs_nothing():

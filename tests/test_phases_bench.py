@@ -1,6 +1,6 @@
 """The whole-phase benchmark's PyTorch sides prepare the same examples as ours: the same CDA
 outputs on real Gab Hate Corpus posts and BiasBios bios, every row once an epoch, grouped
-batches sorted."""
+batches sorted; its rounds alternate the sides and pair their ratios in time."""
 
 import csv
 import sys
@@ -12,6 +12,7 @@ from conftest import SHARED_DATA
 from peftdebias_jax.data import cda
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import phases_bench
 import torch_phases
 
 WORDS = SHARED_DATA / "bias_attribute_words.json"
@@ -51,3 +52,25 @@ def test_tuned_batches_pad_to_their_longest_row_rounded_to_8():
     sequences = [[1] * n for n in (3, 17, 9)]
     ids, mask = torch_phases.collate(sequences, [0, 1, 2], 0, 8)
     assert ids.shape == (3, 24) and mask.sum(axis=1).tolist() == [3, 17, 9]
+
+
+def test_rounds_alternate_the_sides_and_warm_follows_ours():
+    sides = ["ours", "ours_warm", "tuned", "reference"]
+    assert phases_bench.round_order(sides, 0) == sides
+    assert phases_bench.round_order(sides, 1) == ["reference", "tuned", "ours", "ours_warm"]
+    assert phases_bench.round_order(["tuned", "ours"], 3) == ["ours", "tuned"]
+
+
+def test_a_side_reports_its_median_round_and_ratios_pair_rounds():
+    def run(wall: float) -> dict:
+        return {"wall_s": wall, "examples_per_s": 640 / wall, "padding": wall / 1000}
+
+    ours = phases_bench.combine_rounds([run(180.0), run(150.0), run(170.0)])
+    tuned = phases_bench.combine_rounds([run(240.0), run(300.0), run(200.0)])
+    assert ours["wall_s"] == 170.0 and ours["padding"] == 0.17  # the median round's figures
+    assert [r["wall_s"] for r in ours["rounds"]] == [180.0, 150.0, 170.0]
+    assert phases_bench.combine_rounds([run(2.0), run(1.0)])["wall_s"] == 1.0
+    values = phases_bench.ratios(ours, tuned)
+    assert np.allclose(values, [240 / 180, 2.0, 200 / 170])
+    assert phases_bench.ratio_text(values) == "1.33x (1.18-2.00x)"
+    assert phases_bench.ratio_text(values[:1]) == "1.33x"

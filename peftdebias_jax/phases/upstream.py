@@ -129,6 +129,12 @@ def train_mlm(
         f"{name} eval step",
         donate=False,
     )
+    # compiled only if a batch selects more positions than the eval step's decoder caps
+    exact_eval_step = runner.compile(
+        steps.make_mlm_eval_step(module, masking, runner.axis_name, exact=True),
+        f"{name} exact eval step",
+        donate=False,
+    )
     pad = tokenizer.pad_token_id
     train_seqs, eval_seqs = sequences
     if up.pack:
@@ -154,7 +160,11 @@ def train_mlm(
         results = []
         for batch_spec in eval_batches.evaluation():
             batch = runner.put_batch(eval_batches.materialize(batch_spec, eval_rows))
-            results.append(jax.device_get(runner.get_metrics(eval_step(device_state, batch))))
+            results.append(steps.mlm_eval_metrics(
+                lambda *args: runner.get_metrics(eval_step(*args)),
+                lambda *args: runner.get_metrics(exact_eval_step(*args)),
+                device_state, batch,
+            ))  # fmt: skip
         return {"eval_loss": steps.hf_eval_loss(results)}
 
     return fit(

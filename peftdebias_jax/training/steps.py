@@ -10,7 +10,7 @@ cap on masked positions counts across devices, and dropout masks are drawn by gl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -221,49 +221,63 @@ def make_mlm_train_step(
     return step
 
 
-def exact_capped_loss_sum(module, params, inputs, labels, attention_mask, selected, rate: float,
-                          segment_ids: jax.Array | None = None):  # fmt: skip
-    """mlm_loss_sum over every selected position, with the decoder on at most mean + 3 sd
-    of Binomial(length, rate) positions per row and of Binomial(rows * length, rate) per
-    batch, or on every position in the rare batch that selects more: exact either way, and
-    about a fifth of the vocabulary-sized logits (1 GB at 32 x 256 for BERT's vocabulary).
-    `segment_ids`: packed rows."""
+def capped_loss_sum(module, params, inputs, labels, attention_mask, selected,
+                    rate: float | None, segment_ids: jax.Array | None = None):  # fmt: skip
+    """(mlm_loss_sum, fits): the decoder on at most mean + 3 sd of Binomial(length, rate)
+    positions per row and of Binomial(rows * length, rate) per batch, about a fifth of the
+    vocabulary-sized logits (1 GB at 32 x 256 for BERT's vocabulary). The sum is exact
+    when `fits`; in the rare batch that selects more, it leaves positions out and the batch
+    must be scored again with `rate=None` (every position). One forward pass per program:
+    choosing on the device (`lax.cond`) would compile both."""
     rows, length = labels.shape
-    per_row = max_predictions_for(length, rate, -1)
+    per_row = None if rate is None else max_predictions_for(length, rate, -1)
+    if per_row is None or per_row >= length:
+        total = mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, None,
+                             segment_ids=segment_ids)  # fmt: skip
+        return total, jnp.bool_(True)
     per_batch = batch_predictions_for(rows, length, rate, -1)
-
-    def loss(max_predictions, batch_predictions):
-        return lambda: mlm_loss_sum(module, params, inputs, labels, attention_mask, selected,
-                                    None, max_predictions, batch_predictions,
-                                    segment_ids)  # fmt: skip
-
-    if per_row >= length:
-        return loss(None, None)()
     counts = jnp.sum(selected, axis=1)
     fits = jnp.all(counts <= per_row)
     if per_batch is not None:
         fits &= jnp.sum(counts) <= per_batch
-    return jax.lax.cond(fits, loss(per_row, per_batch), loss(None, None))
+    total = mlm_loss_sum(module, params, inputs, labels, attention_mask, selected, None,
+                         per_row, per_batch, segment_ids)  # fmt: skip
+    return total, fits
 
 
-def make_mlm_eval_step(module, masking: MaskingConfig, axis_name: str | None = None):
+def make_mlm_eval_step(module, masking: MaskingConfig, axis_name: str | None = None,
+                       exact: bool = False):  # fmt: skip
     """Summed loss and count of masked positions for one batch, with fixed eval masks
     (seeded by each row's `row`); packed rows (`data.packing.PackedScoring`) weigh a row
-    by the examples it holds, so `examples` counts examples either way."""
+    by the examples it holds, so `examples` counts examples either way. The decoder runs on
+    capped positions (capped_loss_sum) unless `exact`; `overflow` > 0 says the batch
+    selected more than the caps hold and must be scored again by the `exact` step
+    (mlm_eval_metrics does that), whose program then compiles."""
+    rate = None if exact else masking.rate
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, EVAL_STREAM), 0)
         ids, attention = batch["input_ids"], batch["attention_mask"]
         inputs, selected = masking.mask(rng, batch, batch["row"])
-        total = exact_capped_loss_sum(module, state.params, inputs, ids, attention, selected,
-                                      masking.rate, batch.get("segment_ids"))  # fmt: skip
+        total, fits = capped_loss_sum(module, state.params, inputs, ids, attention, selected,
+                                      rate, batch.get("segment_ids"))  # fmt: skip
         return {
             "loss_sum": psum(total, axis_name),
             "count": psum(jnp.sum(selected).astype(jnp.float32), axis_name),
             "examples": psum(jnp.sum(batch["weight"]), axis_name),
+            "overflow": psum(1.0 - fits.astype(jnp.float32), axis_name),
         }
 
     return step
+
+
+def mlm_eval_metrics(capped: Callable, exact: Callable, state: TrainState, batch) -> dict:
+    """One eval batch's metrics on the host: the capped step's, or the exact step's for a
+    batch that overflows the caps (make_mlm_eval_step)."""
+    metrics = jax.device_get(capped(state, batch))
+    if float(metrics["overflow"]) > 0:
+        metrics = jax.device_get(exact(state, batch))
+    return metrics
 
 
 def hf_eval_loss(batch_metrics: Sequence[dict]) -> float:
