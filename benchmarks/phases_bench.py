@@ -272,7 +272,8 @@ def table(results: dict) -> str:
     rows = [head, "|" + "---|" * 11]
     for phase, sides in results.items():
         for side, f in sides.items():
-            ratio = ratio_text(ratios(sides["ours"], f) if "ours" in sides else [])
+            paired = "ours" in sides and side != "ours"
+            ratio = ratio_text(ratios(sides["ours"], f) if paired else [])
             walls = "/".join(str(r["wall_s"]) for r in f["rounds"])
             rows.append(
                 f"| {phase} | {side} | {walls} | {f['first_step_s']} | "
