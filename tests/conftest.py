@@ -24,6 +24,14 @@ if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers i
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+
+def user_environment() -> dict[str, str]:
+    """This environment with XLA's default compiler settings, as a user's run has them:
+    for a subprocess whose numbers a test holds to what the user sees."""
+    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAGS, "").strip()
+    return {**os.environ, "XLA_FLAGS": flags}
+
+
 # tests/adapters_lib needs the `adapters` library, which needs transformers 4.57.x: the
 # README's test command runs it in a second environment (.venv-adapters).
 collect_ignore = [] if importlib.util.find_spec("adapters") else ["adapters_lib"]
