@@ -9,7 +9,6 @@ Exit status:    0 done; 2 a bad command, config or input (nothing was lost); 1 a
                 while running; 130 / 143 interrupted by SIGINT / SIGTERM (rerun to resume)
 """
 
-import logging as std_logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from peftdebias_jax.command_line import (
     Failure,
     config_argument,
     describe_failure,
+    quiet_libraries,
     unknown_override,
     usage,
 )
@@ -79,8 +79,7 @@ def main(argv: list[str]) -> None:
     memory.configure_xla_flags()  # before JAX starts its back end
     compile_cache.enable(_COMPILE_CACHE.value)
     logging.set_verbosity(logging.INFO)
-    for noisy in ("absl", "jax", "orbax", "matplotlib"):  # Orbax logs every file it writes
-        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+    quiet_libraries()  # before transformers is first imported
     interrupts.install()
     workdir = None
     try:

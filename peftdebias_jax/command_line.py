@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import logging
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,20 @@ from peftdebias_jax.training.interrupts import Interrupted
 
 RESUME = "rerun the same command to resume (finished phases and checkpoints are kept)"
 ERROR_LOG = "error.log"
+# Loggers that speak of the libraries' own work (Orbax logs every file it writes).
+NOISY_LOGGERS = ("absl", "jax", "orbax", "matplotlib")
+# transformers' advice that does not apply here: this library uses it for tokenizers only.
+MISLEADING = ("PyTorch was not found",)
+
+
+def quiet_libraries() -> None:
+    """Only warnings from the libraries' loggers, and none of transformers' remarks that
+    mislead a JAX user (that PyTorch is missing: the plain install never needs it)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("transformers").addFilter(
+        lambda record: not record.getMessage().startswith(MISLEADING)
+    )
 
 
 def usage(doc: str, configs: Path, presets: Sequence[str]) -> str:

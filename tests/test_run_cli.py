@@ -1,6 +1,7 @@
 """run.py resolves a config, prints it, writes it to the workdir and builds the model."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from config_fixtures import load_config as load_named
 
-from peftdebias_jax import phases
+from peftdebias_jax import command_line, phases
 from peftdebias_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,22 @@ def test_unknown_phase_is_an_error_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.phases: unknown \['upstrem'\]"):
         phases.run(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_run_py_drops_transformers_remark_that_pytorch_is_missing():
+    """The plain install has no PyTorch, and transformers, imported for its tokenizers, says
+    that models won't be available: run.py's loggers drop that remark (it misleads a JAX
+    user) and keep transformers' other warnings."""
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        command_line.quiet_libraries()
+        logger.warning("PyTorch was not found. Models won't be available and only tokenizers, "
+                       "configuration and file/data utilities can be used.")  # fmt: skip
+        logger.warning("Token indices sequence length is longer than the specified maximum")
+    finally:
+        logger.removeHandler(handler)
+    assert heard == ["Token indices sequence length is longer than the specified maximum"]
